@@ -1,0 +1,1 @@
+"""Diff-Mix data engine."""
