@@ -33,6 +33,24 @@ def make_table(ids: list[str], images: list[bytes], labels: list[int], groups: l
     )
 
 
+def check_labels(table: pa.Table, num_classes: int, where: str) -> None:
+    """Every label must index the class list; the error names the first offending row."""
+    if table.num_rows == 0:
+        return
+    labels = table.column("label").to_numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        row_id = table.column("id")[int(bad[0])].as_py()
+        raise DatasetError(
+            f"{where}: row {row_id!r} has label {int(labels[bad[0]])} outside the class list (0..{num_classes - 1})"
+        )
+
+
+def take(table: pa.Table, indices: list[int]) -> pa.Table:
+    """Rows by position (an empty selection keeps the schema)."""
+    return table.take(pa.array(indices, type=pa.int64()))
+
+
 @dataclass
 class ImageDataset:
     """Both splits of one dataset. Tables follow ROW_SCHEMA; labels index `class_names`."""
@@ -49,17 +67,7 @@ class ImageDataset:
         if len(self.class_names) < 1:
             raise DatasetError(f"dataset {self.name}: empty class list")
         for split in ("train", "test"):
-            table: pa.Table = getattr(self, split)
-            if table.num_rows == 0:
-                continue
-            labels = table.column("label").to_numpy()
-            bad = np.flatnonzero((labels < 0) | (labels >= len(self.class_names)))
-            if bad.size:
-                row_id = table.column("id")[int(bad[0])].as_py()
-                raise DatasetError(
-                    f"dataset {self.name}: {split} row {row_id!r} has label {int(labels[bad[0]])} "
-                    f"outside the class list (0..{len(self.class_names) - 1})"
-                )
+            check_labels(getattr(self, split), len(self.class_names), f"dataset {self.name} ({split})")
 
     @property
     def num_classes(self) -> int:

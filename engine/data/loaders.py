@@ -1,0 +1,240 @@
+"""Dataset loaders: image-folder trees, Hugging Face-style Parquet, and the built-in digits.
+
+All of them validate before any stage starts: a missing root, an empty class, an image that
+does not decode, or a label outside the class list is an error naming the file or class
+(unless `skip_bad_images` is on, in which case bad images are counted and logged).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import DatasetConfig, ExperimentConfig
+from engine.data import builtin
+from engine.data.dataset import DatasetError, ImageDataset, check_labels, make_table
+from engine.data.images import BadImageError, decode
+from engine.data.splits import few_shot, long_tail, stratified_split
+from engine.storage import Storage, join, redact
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class _BadImages:
+    """Collects undecodable images: raise on the first, or count them when skipping is on."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.count = 0
+
+    def ok(self, data: bytes | None, source: str) -> bool:
+        try:
+            if data is None:
+                raise BadImageError(f"cannot decode image {source}: no bytes")
+            decode(data, source)
+            return True
+        except BadImageError as exc:
+            if not self.skip:
+                raise DatasetError(f"{exc} (set dataset.skip_bad_images: true to skip such files)") from None
+            self.count += 1
+            log.warning("skipping %s", exc)
+            return False
+
+
+def _relative(uri: str, root: str) -> str:
+    return uri[len(root.rstrip("/")) + 1:]
+
+
+# --- image folders ---------------------------------------------------------------------------
+def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad: _BadImages,
+                 ) -> tuple[list[str], list[str], list[bytes], list[int]]:
+    files = [f for f in storage.walk_files(root) if not posixpath.basename(f).startswith(".")]
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        rel = _relative(f, root)
+        if "/" not in rel:
+            continue  # files at the top level are not images of any class (README, etc.)
+        cls = rel.split("/", 1)[0]
+        by_class.setdefault(cls, [])
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+            by_class[cls].append(f)
+    # a class folder with no files at all does not show up in a file walk: look for folders too
+    fs, root_path = storage.fs(root)
+    for info in fs.ls(root_path, detail=True):
+        if info.get("type") == "directory":
+            by_class.setdefault(posixpath.basename(info["name"].rstrip("/")), [])
+    names = class_names or sorted(by_class)
+    unknown = sorted(set(by_class) - set(names))
+    if unknown:
+        raise DatasetError(f"image folder {redact(root)}: folder {unknown[0]!r} is not in the class list {names}")
+    for cls in names:
+        if not by_class.get(cls):
+            raise DatasetError(f"image folder {redact(root)}: class {cls!r} has no images")
+    ids, images, labels = [], [], []
+    for label, cls in enumerate(names):
+        for f in sorted(by_class[cls]):
+            data = storage.read_bytes(f)
+            if bad.ok(data, redact(f)):
+                ids.append(_relative(f, root))
+                images.append(data)
+                labels.append(label)
+    return names, ids, images, labels
+
+
+def load_imagefolder(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDataset:
+    root = cfg.uri or ""
+    if not storage.isdir(root):
+        raise DatasetError(f"dataset root not found: {redact(root)}")
+    bad = _BadImages(cfg.skip_bad_images)
+    train_root, test_root = join(root, "train"), join(root, "test")
+    if storage.isdir(train_root) and storage.isdir(test_root):
+        names, ids, images, labels = _folder_rows(storage, train_root, cfg.class_names, bad)
+        _, t_ids, t_images, t_labels = _folder_rows(storage, test_root, names, bad)
+        train, test = make_table(ids, images, labels), make_table(t_ids, t_images, t_labels)
+    else:
+        names, ids, images, labels = _folder_rows(storage, root, cfg.class_names, bad)
+        train, test = stratified_split(make_table(ids, images, labels), cfg.test_fraction, len(names))
+    return _finish(cfg, names, train, test, bad.count, posixpath.basename(root.rstrip("/")) or "imagefolder")
+
+
+# --- Hugging Face-style Parquet --------------------------------------------------------------
+def _hf_class_names(schema: pa.Schema) -> list[str] | None:
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        features = json.loads(meta)["info"]["features"]
+        return list(features["label"]["names"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _split_of(rel: str) -> str | None:
+    parts = rel.lower().replace("-", "/").replace("_", "/").replace(".", "/").split("/")
+    if "test" in parts:
+        return "test"
+    if "train" in parts:
+        return "train"
+    return None
+
+
+def _parquet_rows(storage: Storage, uri: str, root: str, bad: _BadImages,
+                  ) -> tuple[pa.Schema, list[str], list[bytes], list[int], list[int | None]]:
+    data = storage.read_bytes(uri)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"cannot read Parquet file {redact(uri)}: {exc}") from None
+    for col in ("image", "label"):
+        if col not in table.column_names:
+            raise DatasetError(f"Parquet file {redact(uri)} has no {col!r} column (has {table.column_names})")
+    rel = _relative(uri, root)
+    ids, images, labels, groups = [], [], [], []
+    has_group = "group" in table.column_names
+    for i, (img, label) in enumerate(zip(table.column("image").to_pylist(), table.column("label").to_pylist())):
+        if isinstance(img, dict):
+            blob, path = img.get("bytes"), img.get("path")
+        else:
+            blob, path = img, None
+        if blob is None and path:
+            blob = storage.read_bytes(path if "://" in path or path.startswith("/") else join(posixpath.dirname(uri), path))
+        source = f"{redact(uri)} row {i}" + (f" ({path})" if path else "")
+        if label is None:
+            raise DatasetError(f"{source}: missing label")
+        if not bad.ok(blob, source):
+            continue
+        ids.append(f"{rel}#{i}")
+        images.append(blob)
+        labels.append(int(label))
+        groups.append(table.column("group")[i].as_py() if has_group else None)
+    return table.schema, ids, images, labels, groups
+
+
+def load_parquet(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDataset:
+    root = cfg.uri or ""
+    if root.endswith(".parquet"):
+        if not storage.exists(root):
+            raise DatasetError(f"dataset file not found: {redact(root)}")
+        files, root = [root], posixpath.dirname(root)
+    else:
+        if not storage.isdir(root):
+            raise DatasetError(f"dataset root not found: {redact(root)}")
+        files = [f for f in storage.walk_files(root) if f.endswith(".parquet")]
+    if not files:
+        raise DatasetError(f"no .parquet files under {redact(root)}")
+    bad = _BadImages(cfg.skip_bad_images)
+    split_rows: dict[str, list] = {"train": [[], [], [], []], "test": [[], [], [], []]}
+    names = cfg.class_names
+    has_test = any(_split_of(_relative(f, root)) == "test" for f in files)
+    for f in files:
+        split = _split_of(_relative(f, root)) if has_test else "train"
+        if split is None:
+            log.info("ignoring %s (neither train nor test)", redact(f))
+            continue
+        schema, ids, images, labels, groups = _parquet_rows(storage, f, root, bad)
+        names = names or _hf_class_names(schema)
+        for acc, vals in zip(split_rows[split], (ids, images, labels, groups)):
+            acc.extend(vals)
+    if not names:
+        raise DatasetError(
+            f"Parquet dataset {redact(root)} declares no class names: set dataset.class_names "
+            "(or store Hugging Face ClassLabel metadata)"
+        )
+    train = make_table(*split_rows["train"])
+    check_labels(train, len(names), f"Parquet dataset {redact(root)}")
+    if has_test:
+        test = make_table(*split_rows["test"])
+    else:
+        train, test = stratified_split(train, cfg.test_fraction, len(names))
+    return _finish(cfg, list(names), train, test, bad.count, posixpath.basename(root.rstrip("/")) or "parquet")
+
+
+# --- built-in --------------------------------------------------------------------------------
+def load_builtin(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDataset:
+    ids, images, labels = builtin.load_digits_rows(cfg.image_size)
+    names = builtin.CLASS_NAMES
+    if cfg.class_names is not None and cfg.class_names != names:
+        raise DatasetError(f"the built-in dataset has classes {names}; dataset.class_names {cfg.class_names} differs")
+    train, test = stratified_split(make_table(ids, images, labels), cfg.test_fraction, len(names))
+    metaclass_cfg = cfg.model_copy(update={"metaclass": cfg.metaclass or builtin.METACLASS})
+    return _finish(metaclass_cfg, names, train, test, 0, "digits")
+
+
+# --- common ----------------------------------------------------------------------------------
+def _finish(cfg: DatasetConfig, names: list[str], train: pa.Table, test: pa.Table, skipped: int,
+            name: str) -> ImageDataset:
+    if not cfg.metaclass:
+        raise DatasetError(f"dataset.metaclass is required for the {cfg.source} source (e.g. bird, car)")
+    if skipped:
+        log.warning("dataset %s: skipped %d bad image(s)", name, skipped)
+    ds = ImageDataset(list(names), cfg.metaclass, train, test, name=name, skipped=skipped)
+    counts = ds.class_counts("train")
+    empty = [names[c] for c in range(len(names)) if counts[c] == 0]
+    if empty:
+        raise DatasetError(f"dataset {name}: class {empty[0]!r} has no train images")
+    return ds
+
+
+_LOADERS = {"builtin": load_builtin, "imagefolder": load_imagefolder, "parquet": load_parquet}
+
+
+def load_dataset(config: ExperimentConfig, storage: Storage | None = None, apply_subset: bool = True) -> ImageDataset:
+    """The configured dataset with its subset (few-shot / long-tail) applied to the train split."""
+    storage = storage or Storage.from_config(config)
+    cfg = config.dataset
+    ds = _LOADERS[cfg.source](cfg, storage, config.run.seed)
+    if not apply_subset or cfg.subset.kind == "full":
+        return ds
+    if cfg.subset.kind == "few_shot":
+        assert cfg.subset.shots is not None
+        return ds.with_train(few_shot(ds.train, cfg.subset.shots, ds.num_classes, config.run.seed),
+                             f"{cfg.subset.shots}shot")
+    assert cfg.subset.imbalance_factor is not None
+    return ds.with_train(long_tail(ds.train, cfg.subset.imbalance_factor, ds.num_classes, config.run.seed),
+                         f"lt{cfg.subset.imbalance_factor:g}")

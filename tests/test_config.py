@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from engine.config import ConfigError, ExperimentConfig, load_config
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, {"run": {"name": "x", "seed": 3}, "dataset": {"source": "builtin"}}))
+    assert cfg.run.name == "x" and cfg.run.seed == 3 and cfg.run.uri == "runs/x"
+    again = load_config(write(tmp_path, yaml.safe_load(cfg.to_yaml())))
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["run.seed=7", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
+                                            "storage.storage_options={endpoint_url: http://x}", "dataset.skip_bad_images=true"])
+    assert cfg.run.seed == 7 and cfg.dataset.subset.shots == 5 and cfg.dataset.skip_bad_images is True
+    assert cfg.storage.storage_options == {"endpoint_url": "http://x"}
+    assert cfg.hash() != load_config(None).hash()
+
+
+def test_no_path_gives_defaults():
+    assert load_config(None) == ExperimentConfig()
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["run.nmae=x"], "run.nmae: unknown key"),
+        (["nosuchsection.a=1"], "nosuchsection: unknown key"),
+        (["run.seed=abc"], "run.seed"),
+        (["run.seed=-1"], "run.seed: Input should be greater than or equal to 0"),
+        (["dataset.source=zip"], "dataset.source: Input should be 'builtin', 'imagefolder' or 'parquet'"),
+        (["dataset.test_fraction=1.5"], "dataset.test_fraction"),
+        (["dataset.class_names=[]"], "class list is empty"),
+        (["dataset.source=imagefolder"], "dataset.uri is required"),
+        (["dataset.subset.kind=few_shot"], "dataset.subset.shots is required"),
+        (["dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=0.5"], "dataset.subset.imbalance_factor"),
+        (["model.resolution=4"], "model.resolution"),
+        (["run.name=a/b"], "run.name"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert named in str(err.value)
+
+
+def test_bad_override_syntax_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["run.seed"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, ["run.name.seed=1"])

@@ -1,0 +1,86 @@
+"""Storage on local disk and on a real S3 server (SeaweedFS), through the same fsspec code."""
+import os
+
+import pytest
+
+from engine.storage import Storage, StorageError, join, redact
+
+
+def roundtrip(storage: Storage, root: str) -> None:
+    storage.write_bytes(join(root, "a/x.bin"), b"hello")
+    storage.write_text(join(root, "a/y.json"), "{}")
+    assert storage.read_bytes(join(root, "a/x.bin")) == b"hello"
+    assert storage.exists(join(root, "a/x.bin")) and not storage.exists(join(root, "a/nope"))
+    assert storage.list(join(root, "a")) == [join(root, "a/x.bin"), join(root, "a/y.json")]
+    assert storage.list(join(root, "a"), "*.json") == [join(root, "a/y.json")]
+    assert storage.list(join(root, "missing")) == []
+    assert storage.walk_files(root) == [join(root, "a/x.bin"), join(root, "a/y.json")]
+    storage.write_bytes(join(root, "a/x.bin"), b"replaced")  # overwrite is whole-file
+    assert storage.read_bytes(join(root, "a/x.bin")) == b"replaced"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.read_bytes(join(root, "a/nope"))
+
+
+def test_local_roundtrip(tmp_path):
+    roundtrip(Storage(), str(tmp_path))
+    roundtrip(Storage(), "file://" + str(tmp_path / "f"))
+
+
+def test_s3_roundtrip(s3_server, s3_bucket):
+    roundtrip(Storage(s3_server["storage_options"]), s3_bucket + "/run")
+
+
+def test_local_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    storage = Storage()
+    target = str(tmp_path / "out.parquet")
+
+    real_fsync = os.fsync
+
+    def die(fd):
+        raise OSError("disk died")
+
+    monkeypatch.setattr(os, "fsync", die)
+    with pytest.raises(OSError, match="disk died"):
+        storage.write_bytes(target, b"x" * 1000)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert os.listdir(tmp_path) == []  # neither the target nor a temp file is visible
+
+
+def test_local_old_content_survives_failed_overwrite(tmp_path, monkeypatch):
+    storage = Storage()
+    target = str(tmp_path / "m.json")
+    storage.write_text(target, "old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
+    with pytest.raises(OSError):
+        storage.write_text(target, "new")
+    assert open(target).read() == "old" and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_s3_failed_write_leaves_no_object(s3_server, s3_bucket):
+    """A PUT whose body cannot be produced never creates the key (single-request upload)."""
+    storage = Storage(s3_server["storage_options"])
+
+    class Boom(bytes):
+        def __len__(self):
+            raise OSError("producer died")
+
+    with pytest.raises(OSError):
+        storage.write_bytes(s3_bucket + "/x/part.bin", Boom(b"abc"))
+    assert not storage.exists(s3_bucket + "/x/part.bin")
+    assert storage.list(s3_bucket + "/x") == []
+
+
+def test_unreachable_store_is_a_named_bounded_error():
+    storage = Storage({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "key": "AKIASECRET",
+                       "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+                       "secret": "topsecret"}, retries=1, retry_wait_s=0.01)
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("s3://bucket/file.bin")
+    msg = str(err.value)
+    assert "s3://bucket/file.bin" in msg and "2 attempts" in msg
+    assert "topsecret" not in msg and "AKIASECRET" not in msg
+
+
+def test_redact_hides_userinfo():
+    assert redact("s3://user:pw@host/b/k") == "s3://***@host/b/k"
+    assert redact("/plain/path") == "/plain/path"
