@@ -96,11 +96,159 @@ class ModelConfig(Section):
     resolution: int = Field(default=512, ge=8, le=2048, description="Pixel size images are generated/trained at")
 
 
+SYNTHESIS_STRATEGIES = ("diff-mix", "diff-aug", "diff-gen", "real-mix", "real-aug", "real-gen")
+
+
+class FinetuneConfig(Section):
+    """Personalise the base model to the classes (DESIGN.md step 1). Paper defaults."""
+
+    strategy: Literal["ti", "db", "ti+db"] = "ti+db"
+    lora_rank: int = Field(default=10, ge=1, le=512)
+    steps: int = Field(default=35000, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Total batch over all workers")
+    learning_rate: float = Field(default=5e-5, gt=0, le=1)
+    resolution: int = Field(default=512, ge=8, le=2048)
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
+    class_balanced: bool = False
+    checkpoint_every: int = Field(default=500, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    max_failures: int = Field(default=3, ge=0)
+    output: str | None = Field(default=None, description="Adapter URI; default <run>/adapter")
+    fail_at_step: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this step")
+
+
+class SynthesisConfig(Section):
+    """Generate the synthetic set (DESIGN.md steps 2-4)."""
+
+    strategy: Literal["diff-mix", "diff-aug", "diff-gen", "real-mix", "real-aug", "real-gen"] = "diff-mix"
+    strengths: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1)
+    multiplier: float = Field(default=5.0, gt=0, le=100)
+    num_inference_steps: int = Field(default=25, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    resolution: int = Field(default=512, ge=8, le=2048)
+    batch_size: int = Field(default=8, ge=1)
+    referable_classes: int | None = Field(default=None, ge=1, description="Limit of reference classes per target")
+    long_tail: bool = Field(default=False, description="Targets follow the reversed class distribution")
+    adapter: str | None = Field(default=None, description="Adapter URI; default <run>/adapter (diff-* only)")
+    output: str | None = Field(default=None, description="Shard folder URI; default <run>/synthetic/<plan hash>")
+    rows_per_file: int = Field(default=64, ge=1)
+    num_gpus_per_actor: float = Field(default=1.0, ge=0)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    clip_batch_size: int = Field(default=32, ge=1)
+    clip_num_gpus: float = Field(default=0.0, ge=0)
+    filter_quantile: float = Field(default=0.1, ge=0, lt=1)
+    overwrite: bool = False
+    log_every_s: float = Field(default=30.0, gt=0)
+    fail_actor_after: int | None = Field(default=None, ge=1, description="Test-only: an actor dies once after N batches")
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths_in_range(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not 0 < s <= 1:
+                raise ValueError(f"strength {s} is outside (0, 1]")
+        if len(set(v)) != len(v):
+            raise ValueError("strengths must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> "SynthesisConfig":
+        for s in self.strengths:
+            if int(self.num_inference_steps * s) < 1:
+                raise ValueError(
+                    f"strength {s} with num_inference_steps={self.num_inference_steps} gives int(T*s) = 0 denoising steps"
+                )
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class ClassifyConfig(Section):
+    """Train a classifier on real + synthetic data (DESIGN.md steps 3, 5)."""
+
+    backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_b_16"] = "resnet50"
+    pretrained: str | None = Field(default=None, description="URI/path of torchvision weights; None = random init")
+    resolution: int = Field(default=448, ge=8, le=2048)
+    batch_size: int = Field(default=32, ge=1, description="Total batch over all workers")
+    epochs: int = Field(default=128, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    cutmix_prob: float = Field(default=0.0, ge=0, le=1)
+    cutmix_alpha: float = Field(default=1.0, gt=0)
+    mixup_prob: float = Field(default=0.0, ge=0, le=1)
+    mixup_alpha: float = Field(default=0.2, gt=0)
+    amp: bool = True
+    p: float = Field(default=0.1, ge=0, le=1, description="Probability a real sample is replaced by a synthetic one")
+    gamma: float = Field(default=0.5, gt=0, description="Soft-label exponent: target gets s**gamma")
+    synthetic: str | None = Field(default=None, description="Synthetic shard folder URI; default: this run's")
+    strengths: list[float] | None = Field(default=None, description="Use only these strengths")
+    multiplier: float | None = Field(default=None, gt=0, description="Use only the plan prefix of this multiplier")
+    eval_every: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool | None = None
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    many_shot_threshold: int = Field(default=100, ge=1, description="Long-tail: classes with more train images are 'many'")
+    few_shot_threshold: int = Field(default=20, ge=1, description="Long-tail: classes with fewer train images are 'few'")
+    checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints")
+    max_failures: int = Field(default=3, ge=0)
+    output: str | None = Field(default=None, description="Default <run>/classify/<hash>")
+    fail_at_epoch: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this epoch")
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths_in_range(cls, v: list[float] | None) -> list[float] | None:
+        for s in v or []:
+            if not 0 < s <= 1:
+                raise ValueError(f"strength {s} is outside (0, 1]")
+        return v
+
+
+class SweepConfig(Section):
+    """Ray Tune grid over the method's knobs; strengths may need synthesis first."""
+
+    gamma: list[float] = Field(default_factory=lambda: [0.5])
+    p: list[float] = Field(default_factory=lambda: [0.1])
+    multiplier: list[float] | None = None
+    strengths: list[list[float]] | None = Field(default=None, description="Each item is one strength set")
+    metric: str = "top1"
+    mode: Literal["max", "min"] = "max"
+    asha: bool = False
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    include_baseline: bool = True
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_positive(cls, v: list[float]) -> list[float]:
+        for g in v:
+            if g <= 0:
+                raise ValueError(f"gamma {g} must be > 0")
+        return v
+
+    @field_validator("p")
+    @classmethod
+    def _p_in_range(cls, v: list[float]) -> list[float]:
+        for p in v:
+            if not 0 <= p <= 1:
+                raise ValueError(f"p {p} is outside [0, 1]")
+        return v
+
+
 class ExperimentConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none): names outputs that depend on them."""
@@ -148,7 +296,7 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {key}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"  {key}: {msg}")

@@ -1,0 +1,68 @@
+"""`diffmix <stage> --config x.yaml key=value ...`: one console command over every stage's `run(config)`.
+
+Stages are looked up lazily by import path, so `diffmix check` does not import torch-heavy stages.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from engine.config import ConfigError, ExperimentConfig, load_config
+
+log = logging.getLogger("engine")
+
+# stage name -> "module:function"; each function takes an ExperimentConfig and returns a JSON-able summary
+STAGES: dict[str, str] = {
+    "check": "engine.check:run",
+}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "fsspec", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_stage(name: str) -> Callable[[ExperimentConfig], Any]:
+    module_name, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def build_parser(stages: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffmix", description="Diff-Mix data engine on Ray")
+    parser.add_argument("stage", choices=stages or sorted(STAGES), help="what to run")
+    parser.add_argument("--config", "-c", default=None, help="experiment YAML (defaults when omitted)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"diffmix {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    summary = resolve_stage(args.stage)(config)
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def job_main(stage: str) -> None:
+    """Entry for `jobs/<stage>.py`: the same as `diffmix <stage> ...`."""
+    sys.exit(main([stage, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The synthetic-shard contract shared by synthesis (writer) and classification (reader).
+
+A synthetic set is a folder of Parquet files, one row per image, plus `manifest.json`.
+Files are named by the plan-index range they hold (`part-<start>-<end>.parquet`, end exclusive),
+so a retried writer rewrites the same name. Labels are not stored as vectors: the reader derives
+them from (ref_label, target_label, strength, gamma), so gamma stays free at training time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.storage import Storage, join, redact
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("image", pa.binary()),
+        ("strategy", pa.string()),
+        ("ref_id", pa.string()),      # null for *-gen rows
+        ("ref_label", pa.int64()),    # null for *-gen rows
+        ("target_label", pa.int64()),
+        ("strength", pa.float64()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("clip_score", pa.float64()),
+    ]
+)
+METADATA_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "image"]
+MANIFEST = "manifest.json"
+MIX_STRATEGIES = ("diff-mix", "real-mix")
+_PART = re.compile(r"^part-(\d{8,})-(\d{8,})\.parquet$")
+
+
+class ShardError(ValueError):
+    """A synthetic set that cannot be used; the message names the folder or file."""
+
+
+def part_name(start: int, end: int) -> str:
+    """File name for plan rows [start, end): content-addressed, so retries overwrite, never duplicate."""
+    return f"part-{start:08d}-{end:08d}.parquet"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    m = _PART.match(name.rsplit("/", 1)[-1])
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def encode_table(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table.cast(SHARD_SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def soft_labels(strategy: Iterable[str], ref_label: Iterable[int | None], target_label: Iterable[int],
+                strength: Iterable[float], gamma: float, num_classes: int) -> np.ndarray:
+    """(n, C) label matrix: mix rows put s**gamma on the target and 1 - s**gamma on the reference."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    strategies, refs = list(strategy), list(ref_label)
+    targets, strengths = np.asarray(list(target_label), dtype=np.int64), np.asarray(list(strength), dtype=np.float64)
+    out = np.zeros((len(targets), num_classes), dtype=np.float32)
+    rows = np.arange(len(targets))
+    target_weight = np.ones(len(targets), dtype=np.float64)
+    is_mix = np.array([s in MIX_STRATEGIES and r is not None for s, r in zip(strategies, refs)], dtype=bool)
+    target_weight[is_mix] = strengths[is_mix] ** gamma
+    out[rows, targets] = target_weight
+    for i in np.flatnonzero(is_mix):
+        out[i, int(refs[i])] += 1.0 - target_weight[i]  # ref == target folds back into one-hot
+    return out
+
+
+@dataclass
+class SyntheticSet:
+    """A committed synthetic set: its manifest, and readers that select rows without copying the set."""
+
+    uri: str
+    storage: Storage
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, uri: str, storage: Storage | None = None) -> "SyntheticSet":
+        storage = storage or Storage()
+        path = join(uri, MANIFEST)
+        if not storage.exists(path):
+            raise ShardError(f"no synthetic set at {redact(uri)} (missing {MANIFEST}); run `diffmix synthesize` first")
+        return cls(uri, storage, json.loads(storage.read_text(path)))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def threshold(self) -> float | None:
+        return self.manifest.get("clip_threshold")
+
+    def files(self) -> list[str]:
+        return [join(self.uri, f["name"]) for f in self.manifest.get("files", [])]
+
+    def check_classes(self, class_names: list[str]) -> None:
+        if self.class_names != list(class_names):
+            raise ShardError(
+                f"synthetic set {redact(self.uri)} has classes {self.class_names}, "
+                f"but the real dataset has {list(class_names)}"
+            )
+
+    def _read(self, uri: str, columns: list[str] | None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)), columns=columns)
+
+    def read(self, strengths: Iterable[float] | None = None, multiplier: float | None = None,
+             filtered: bool = True, with_images: bool = False) -> pa.Table:
+        """Rows kept by the CLIP filter (when `filtered`), of the selected strengths and plan prefix."""
+        columns = None if with_images else METADATA_COLUMNS
+        tables = [self._read(f, columns) for f in self.files()]
+        schema = SHARD_SCHEMA if with_images else pa.schema([SHARD_SCHEMA.field(c) for c in METADATA_COLUMNS])
+        table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+        return table.filter(self.selection(table, strengths, multiplier, filtered))
+
+    def selection(self, table: pa.Table, strengths: Iterable[float] | None = None, multiplier: float | None = None,
+                  filtered: bool = True) -> pa.Array:
+        """Boolean mask for the rows that a reader with these options keeps."""
+        mask = pa.array(np.ones(table.num_rows, dtype=bool))
+        if filtered and self.threshold is not None:
+            mask = pc.and_(mask, pc.greater_equal(table.column("clip_score"), self.threshold))
+        if strengths is not None:
+            wanted = pa.array(sorted(float(s) for s in strengths), type=pa.float64())
+            mask = pc.and_(mask, pc.is_in(table.column("strength"), value_set=wanted))
+        if multiplier is not None:
+            limit = int(round(multiplier * int(self.manifest["num_train"])))
+            mask = pc.and_(mask, pc.less(table.column("index"), limit))
+        return mask
