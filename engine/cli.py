@@ -46,7 +46,7 @@ def build_parser(stages: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     setup_logging(args.log_level)
     try:
         config = load_config(args.config, args.overrides)

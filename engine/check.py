@@ -1,0 +1,50 @@
+"""`diffmix check`: a cheap preflight of a config before any expensive stage runs.
+
+Validates the config, loads the dataset (so bad images and labels surface now), resolves the base
+models (building tiny ones offline, copying s3:// ones into the node cache) and proves the output
+storage is writable. Returns a summary a user can read before launching a cluster job.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from engine.config import ExperimentConfig
+from engine.data import load_dataset
+from engine.models import resolve_model
+from engine.storage import Storage, join, redact
+
+log = logging.getLogger(__name__)
+
+
+def run(config: ExperimentConfig) -> dict:
+    storage = Storage.from_config(config)
+    t0 = time.perf_counter()
+    ds = load_dataset(config, storage)
+    words = [*ds.class_names, ds.metaclass]
+    base = resolve_model(config.model.base, config.model.cache_dir, storage, kind="sd",
+                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
+    clip = resolve_model(config.model.clip, config.model.cache_dir, storage, kind="clip",
+                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
+    probe = join(config.run.uri, ".check")
+    storage.write_text(probe, "ok")
+    storage.remove(probe)
+    counts = ds.class_counts("train")
+    summary = {
+        "run": redact(config.run.uri),
+        "dataset": ds.name,
+        "metaclass": ds.metaclass,
+        "classes": len(ds.class_names),
+        "train_images": int(ds.train.num_rows),
+        "test_images": int(ds.test.num_rows),
+        "train_per_class": {"min": int(counts.min()), "max": int(counts.max())},
+        "skipped_bad_images": ds.skipped,
+        "fingerprint": ds.fingerprint(),
+        "base_model": base,
+        "clip_model": clip,
+        "config_hash": config.hash(),
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+    }
+    log.info("check ok: %d classes, %d train / %d test images; outputs go to %s",
+             summary["classes"], summary["train_images"], summary["test_images"], summary["run"])
+    return summary
