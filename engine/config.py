@@ -118,6 +118,16 @@ class FinetuneConfig(Section):
     max_failures: int = Field(default=3, ge=0)
     output: str | None = Field(default=None, description="Adapter URI; default <run>/adapter")
     fail_at_step: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this step")
+    weight_decay: float = Field(default=1e-2, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    random_flip: bool = True
+    keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept in storage")
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "FinetuneConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        return self
 
 
 class SynthesisConfig(Section):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,18 +32,68 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray instance for the whole test session, sized for 2 cores."""
+def ray_cluster():
+    """One real Ray head node (`ray start --head`) per test session, sized for 2 cores.
+
+    In-process tests connect to it with `ray.init(address=...)` and `ray job submit` talks to its
+    dashboard, so the session runs a single Ray instance. `--block` ties the cluster's processes
+    to this one child: stopping it tears down exactly this cluster, not others on the machine.
+    """
+    ports = {k: _free_port() for k in ("gcs", "dashboard", "client")}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    cmd = [
+        ray_bin, "start", "--head", "--block", f"--port={ports['gcs']}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=4",  # logical CPUs: fractional Train workers + Data tasks schedule on 2 cores
+        f"--object-store-memory={256 * 1024 * 1024}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]
+    log_path = Path(temp_dir) / "head.log"
+    log_fh = open(log_path, "wb")
+    # as if the venv were activated: `python` in a submitted job's entrypoint is the venv's
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"127.0.0.1:{ports['gcs']}"
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(dashboard + "/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"ray head did not start; log:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    os.environ["RAY_ADDRESS"] = address  # subprocess jobs in tests join this cluster
+    yield {"address": address, "dashboard_url": dashboard, "temp_dir": temp_dir}
+    os.environ.pop("RAY_ADDRESS", None)
+    os.killpg(proc.pid, signal.SIGINT)  # what --block treats as "stop this cluster"
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of this cluster still alive
+    except ProcessLookupError:
+        pass
+    log_fh.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """The session's Ray cluster, connected in-process (yields the `ray` module)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,  # logical CPUs: lets fractional Train workers + Data tasks schedule on 2 cores
-            object_store_memory=256 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        ray.init(address=ray_cluster["address"], log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -1,0 +1,49 @@
+"""`ray job submit` against a real `ray start --head` cluster (the session's head node)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600) -> tuple[str, str]:
+    """Submit with the real CLI, wait for a terminal state; return (status, logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--no-wait",
+         "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env}), "--", *entrypoint],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    job_id = next(w.strip("'\"") for line in out.stdout.splitlines() for w in line.split() if w.strip("'\"").startswith("raysubmit_"))
+    client = JobSubmissionClient(ray_cluster["dashboard_url"])
+    deadline = time.time() + timeout_s
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status), client.get_job_logs(job_id)
+        assert time.time() < deadline, f"job {job_id} still {status} after {timeout_s}s"
+        time.sleep(1)
+
+
+def test_check_job_via_ray_job_submit(ray_cluster, tmp_path):
+    status, logs = submit_and_wait(ray_cluster, [
+        "python", "jobs/check.py", "--config", "examples/demo.yaml",
+        f"run.output={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert status == "SUCCEEDED", logs
+    assert '"classes": 10' in logs and "check ok" in logs
+    assert os.path.isdir(tmp_path / "cache")
+
+
+def test_failed_job_reports_the_bad_key(ray_cluster, tmp_path):
+    status, logs = submit_and_wait(ray_cluster, [
+        "python", "jobs/check.py", "--config", "examples/demo.yaml", "synthesis.strengths=[1.5]",
+    ])
+    assert status == "FAILED"
+    assert "synthesis.strengths" in logs and "outside (0, 1]" in logs
