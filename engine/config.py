@@ -131,25 +131,36 @@ class FinetuneConfig(Section):
 
 
 class SynthesisConfig(Section):
-    """Generate the synthetic set (DESIGN.md steps 2-4)."""
+    """Generate the synthetic set (DESIGN.md steps 2-4).
+
+    Plan knobs (strategy ... resolution, seed, strength_run, referable_classes, long_tail) change the
+    images and are in the plan hash; execution knobs (batch sizes, actors, files) are not.
+    """
 
     strategy: Literal["diff-mix", "diff-aug", "diff-gen", "real-mix", "real-aug", "real-gen"] = "diff-mix"
-    strengths: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1)
-    multiplier: float = Field(default=5.0, gt=0, le=100)
+    strengths: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1,
+                                   description="Translation strengths s in (0, 1]; *-gen rows always use 1")
+    multiplier: float = Field(default=5.0, gt=0, le=100, description="Plan rows = multiplier x |train|")
     num_inference_steps: int = Field(default=25, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0)
-    resolution: int = Field(default=512, ge=8, le=2048)
-    batch_size: int = Field(default=8, ge=1)
+    resolution: int = Field(default=512, ge=8, le=2048, description="Side of generated images (multiple of 8)")
+    seed: int | None = Field(default=None, ge=0, description="Plan seed; default run.seed")
+    strength_run: int = Field(default=8, ge=1, description="Consecutive plan rows sharing one strength")
+    batch_size: int = Field(default=8, ge=1, description="Images per pipeline call (one strength per call)")
     referable_classes: int | None = Field(default=None, ge=1, description="Limit of reference classes per target")
     long_tail: bool = Field(default=False, description="Targets follow the reversed class distribution")
-    adapter: str | None = Field(default=None, description="Adapter URI; default <run>/adapter (diff-* only)")
+    adapter: str | None = Field(default=None, description="Adapter URI; default finetune.output or <run>/adapter (diff-* only)")
     output: str | None = Field(default=None, description="Shard folder URI; default <run>/synthetic/<plan hash>")
-    rows_per_file: int = Field(default=64, ge=1)
-    num_gpus_per_actor: float = Field(default=1.0, ge=0)
+    rows_per_file: int = Field(default=64, ge=1, description="Plan rows per Parquet file (files align to the plan)")
+    num_gpus_per_actor: float = Field(default=1.0, ge=0, description="GPUs per Translator actor; 0 runs on CPU")
+    cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs reserved per Translator / ClipScorer actor")
+    cpus_per_task: float = Field(default=0.5, gt=0, description="CPUs per reference-loading and sink task")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads per actor on CPU; default Ray's")
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
     clip_batch_size: int = Field(default=32, ge=1)
     clip_num_gpus: float = Field(default=0.0, ge=0)
+    clip_actors: int = Field(default=1, ge=1, description="Upper size of the ClipScorer pool")
     filter_quantile: float = Field(default=0.1, ge=0, lt=1)
     overwrite: bool = False
     log_every_s: float = Field(default=30.0, gt=0)
@@ -163,6 +174,13 @@ class SynthesisConfig(Section):
                 raise ValueError(f"strength {s} is outside (0, 1]")
         if len(set(v)) != len(v):
             raise ValueError("strengths must be distinct")
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_eight(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"resolution {v} is not a multiple of 8 (the VAE downsamples by 8)")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,335 @@
+"""`diffmix synthesize`: plan -> Ray Data stream (references -> Translator pool -> ClipScorer pool -> sink)
+-> filter threshold -> manifest. Resumable and exactly-once (DESIGN.md, "Exactly once, resumable").
+
+On start the job reads the `index` column of the files already committed in its output folder and
+streams only the missing windows; the manifest is written last. Stages run on the cluster; the
+driver holds the dataset, the plan metadata and one small stats row per file, never images.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from engine.config import ExperimentConfig
+from engine.data import ImageDataset, load_dataset
+from engine.data.shards import MANIFEST
+from engine.storage import Storage, join, redact
+from engine.synthesis.filter import clip_threshold, kept_mask
+from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, versions, write_manifest
+from engine.synthesis.plan import (PlanSpec, build_plan, is_gen, num_rows, plain_prompts, uses_adapter)
+from engine.synthesis.references import check_references, load_references
+from engine.synthesis.score import ClipScorer
+from engine.synthesis.sink import FileStats, read_committed, stats_from_rows, write_windows
+from engine.synthesis.translate import ModelRef, SynthesisError, TranslateParams, Translator
+from engine.synthesis.windows import make_windows, stream_row
+
+log = logging.getLogger(__name__)
+_SMALL_FILE = 1 << 20
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def adapter_uri(config: ExperimentConfig) -> str:
+    return config.synthesis.adapter or config.finetune.output or join(config.run.uri, "adapter")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    uri: str
+    digest: str
+    prompts: list[str]
+
+
+def read_adapter(config: ExperimentConfig, storage: Storage, ds: ImageDataset) -> AdapterRef:
+    """The fine-tuned adapter of a diff-* job, checked before any Ray work."""
+    uri = adapter_uri(config)
+    if not storage.exists(join(uri, "adapter.json")):
+        raise SynthesisError(
+            f"no fine-tuned adapter at {redact(uri)} (missing adapter.json): strategy "
+            f"{config.synthesis.strategy!r} needs one. Run `diffmix finetune` first, point synthesis.adapter "
+            "at an artifact, or use a real-* strategy (base model, plain class names)"
+        )
+    try:
+        from engine.models.adapters import read_adapter_info
+    except ImportError as exc:  # the fine-tuning stage's module is not installed in this checkout
+        raise SynthesisError(f"diff-* strategies need engine.models.adapters: {exc}") from exc
+    info = read_adapter_info(uri, storage)
+    if list(info.class_names) != list(ds.class_names):
+        raise SynthesisError(
+            f"adapter {redact(uri)} was trained for classes {info.class_names[:5]}..., "
+            f"the dataset has {ds.class_names[:5]}..."
+        )
+    digest = hashlib.sha256(storage.read_bytes(join(uri, "adapter.json"))).hexdigest()[:16]
+    return AdapterRef(uri, digest, list(info.prompts))
+
+
+def folder_fingerprint(path: str) -> str:
+    """Names and sizes of every file plus the bytes of the small ones (configs): names a model version."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            full = os.path.join(dirpath, name)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, path)}\x1f{size}\x1e".encode())
+            if size <= _SMALL_FILE:
+                with open(full, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def model_identity(ref: ModelRef, resolved: str) -> dict[str, Any]:
+    if os.path.isdir(resolved):
+        return {"spec": ref.spec if ref.spec == "tiny" or "://" in ref.spec else os.path.basename(resolved),
+                "fingerprint": folder_fingerprint(resolved)}
+    return {"spec": ref.spec}
+
+
+@dataclass
+class Job:
+    """Everything the driver decided before streaming."""
+
+    config: ExperimentConfig
+    storage: Storage
+    dataset: ImageDataset
+    spec: PlanSpec
+    plan: pa.Table
+    plan_hash: str
+    output: str
+    base: ModelRef
+    clip: ModelRef
+    adapter: AdapterRef | None
+    skipped: list[str]
+
+    @property
+    def total(self) -> int:
+        return self.plan.num_rows
+
+
+def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Job:
+    """Load, check and plan; raises before any Ray work on bad inputs."""
+    syn = config.synthesis
+    storage = Storage.from_config(config)
+    ds = dataset if dataset is not None else load_dataset(config, storage)
+    adapter = read_adapter(config, storage, ds) if uses_adapter(syn.strategy) else None
+    words = tuple([*ds.class_names, ds.metaclass])
+    base = ModelRef(config.model.base, config.model.cache_dir, "sd", config.model.tiny_seed, config.model.resolution, words)
+    clip = ModelRef(config.model.clip, config.model.cache_dir, "clip", config.model.tiny_seed, config.model.resolution, words)
+    base_path, clip_path = base.resolve(storage), clip.resolve(storage)
+    if is_gen(syn.strategy):
+        usable, skipped = np.ones(ds.train.num_rows, dtype=bool), []
+    else:
+        usable, skipped = check_references(ds.train, config.dataset.skip_bad_images)
+    identity = {
+        "num_inference_steps": syn.num_inference_steps, "guidance_scale": syn.guidance_scale,
+        "resolution": syn.resolution, "base_model": model_identity(base, base_path),
+        "clip_model": model_identity(clip, clip_path), "adapter": adapter.digest if adapter else None,
+        "dataset": ds.fingerprint(), "skipped_references": sorted(skipped), "metaclass": ds.metaclass,
+    }
+    spec = PlanSpec(syn.strategy, tuple(syn.strengths), syn.multiplier,
+                    syn.seed if syn.seed is not None else config.run.seed, syn.strength_run,
+                    syn.referable_classes, syn.long_tail, identity)
+    prompts = adapter.prompts if adapter else plain_prompts(ds.class_names, ds.metaclass)
+    plan = build_plan(spec, ds.train.column("id").to_pylist(), ds.train.column("label").to_numpy(),
+                      ds.num_classes, prompts, usable)
+    plan_hash = spec.hash()
+    output = syn.output or join(config.run.uri, "synthetic", plan_hash)
+    return Job(config, storage, ds, spec, plan, plan_hash, output, base, clip, adapter, skipped)
+
+
+# --- the stream --------------------------------------------------------------------------------
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+class Progress:
+    """A periodic log line next to Ray Data's progress bars: rows done/total, images/s, ETA."""
+
+    def __init__(self, done: int, total: int, every_s: float) -> None:
+        self.start_done, self.done, self.total, self.every_s = done, done, total, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.rate
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("synthesis: %d/%d rows (%.1f%%), %.2f images/s, ETA %s", self.done, self.total,
+                     100.0 * self.done / max(self.total, 1), rate, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = None) -> Iterator[FileStats]:
+    """Run the Ray Data graph over `windows`; yields one FileStats per committed file, as they commit."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ensure_ray()
+    syn = job.config.synthesis
+    size = syn.resolution
+    gen = is_gen(syn.strategy)
+    train_ref = None if gen else ray.put(job.dataset.train.select(["id", "image"]))
+    blocks = [stream_row(s, e, job.plan.slice(s, e - s)) for s, e in windows]
+    params = TranslateParams(syn.num_inference_steps, syn.guidance_scale, size, syn.batch_size)
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(load_references, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
+                        fn_kwargs={"train": [train_ref], "resolution": size})
+    ds = ds.map_batches(
+        Translator, batch_size=1, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=syn.min_actors, max_size=syn.max_actors),
+        num_gpus=syn.num_gpus_per_actor, num_cpus=syn.cpus_per_actor,
+        fn_constructor_kwargs={"model": job.base, "storage": job.storage, "params": params,
+                               "adapter_uri": job.adapter.uri if job.adapter else None,
+                               "cpu_threads": syn.cpu_threads, "fail_after": syn.fail_actor_after,
+                               "fail_marker": fail_marker})
+    ds = ds.map_batches(
+        ClipScorer, batch_size=1, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=syn.clip_actors),
+        num_gpus=syn.clip_num_gpus, num_cpus=syn.cpus_per_actor,
+        fn_constructor_kwargs={"model": job.clip, "storage": job.storage, "metaclass": job.dataset.metaclass,
+                               "resolution": size, "batch_size": syn.clip_batch_size, "cpu_threads": syn.cpu_threads})
+    ds = ds.map_batches(write_windows, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
+                        fn_kwargs={"storage": job.storage, "uri": job.output, "resolution": size})
+    for row in ds.iter_rows():
+        yield stats_from_rows(row)
+
+
+# --- finishing ---------------------------------------------------------------------------------
+
+def check_exactly_once(files: list[FileStats], total: int) -> np.ndarray:
+    """All committed indices, sorted; an error if any row is missing, foreign or committed twice."""
+    indices = np.concatenate([f.index for f in files]) if files else np.empty(0, dtype=np.int64)
+    uniq, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][:10].tolist()
+        raise SynthesisError(f"plan rows {dup} are committed more than once")
+    if len(uniq) and (uniq[0] < 0 or uniq[-1] >= total):
+        raise SynthesisError(f"committed rows outside the plan [0, {total}): {uniq[(uniq < 0) | (uniq >= total)][:10].tolist()}")
+    return uniq
+
+
+def manifest_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as recorded: storage options (endpoints, maybe keys) are left out; URIs are redacted."""
+    data = config.model_dump(mode="json")
+    data.pop("storage", None)
+    for section, key in (("run", "output"), ("dataset", "uri"), ("synthesis", "output"), ("synthesis", "adapter")):
+        if data.get(section, {}).get(key):
+            data[section][key] = redact(data[section][key])
+    return {k: data[k] for k in ("run", "dataset", "model", "synthesis") if k in data}
+
+
+def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, written: int) -> dict[str, Any]:
+    syn = job.config.synthesis
+    files = sorted(files, key=lambda f: f.start)
+    indices = check_exactly_once(files, job.total)
+    if len(indices) != job.total:
+        raise SynthesisError(f"{job.total - len(indices)} planned rows are not committed in {redact(job.output)}")
+    scores = np.concatenate([f.clip_score for f in files])
+    threshold = clip_threshold(scores, syn.filter_quantile)
+    kept = int(kept_mask(scores, threshold).sum())
+    manifest = {
+        "plan_hash": job.plan_hash,
+        "plan": job.spec.to_dict(),
+        "strategy": syn.strategy,
+        "strengths": list(job.spec.effective_strengths),
+        "multiplier": syn.multiplier,
+        "num_train": int(job.dataset.train.num_rows),
+        "class_names": list(job.dataset.class_names),
+        "metaclass": job.dataset.metaclass,
+        "resolution": syn.resolution,
+        "config": manifest_config(job.config),
+        "versions": versions(),
+        "counts": {"planned": job.total, "rows": int(len(indices)), "files": len(files), "kept": kept,
+                   "dropped": int(len(indices)) - kept, "skipped_references": len(job.skipped),
+                   "written_last_run": written},
+        "skipped_references": job.skipped,
+        "filter_quantile": syn.filter_quantile,
+        "clip_threshold": threshold,
+        "files": [f.summary() for f in files],
+        "elapsed_s": round(elapsed_s, 3),
+        "stream_s": round(stream_s, 3),
+        "images_per_s": round(written / stream_s, 4) if stream_s > 0 and written else None,
+    }
+    write_manifest(job.storage, job.output, manifest)
+    return manifest
+
+
+def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int, resumed: int) -> dict[str, Any]:
+    counts = manifest["counts"]
+    return {
+        "output": redact(job.output), "plan_hash": job.plan_hash, "planned": job.total, "rows": counts["rows"],
+        "files": counts["files"], "kept": counts["kept"], "dropped": counts["dropped"],
+        "clip_threshold": manifest["clip_threshold"], "written": written, "files_written": files_written,
+        "resumed_rows": resumed, "skipped_references": counts["skipped_references"],
+        "elapsed_s": manifest["elapsed_s"] if written else 0.0, "images_per_s": manifest["images_per_s"] if written else None,
+    }
+
+
+def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[str, Any]:
+    """Synthesize (or finish, or verify) the configured synthetic set; returns a JSON-able summary.
+
+    `dataset` lets a caller (the pipeline, tests) pass the dataset it already loaded.
+    """
+    t0 = time.perf_counter()
+    job = prepare(config, dataset)
+    syn = config.synthesis
+    plan_doc = {"plan_hash": job.plan_hash, "plan": job.spec.to_dict(), "num_rows": job.total,
+                "num_train": int(job.dataset.train.num_rows)}
+    claim_output(job.storage, job.output, job.plan_hash, plan_doc, syn.overwrite)
+    committed = read_committed(job.storage, job.output)
+    done = check_exactly_once(committed, job.total)
+    missing = np.setdiff1d(np.arange(job.total, dtype=np.int64), done, assume_unique=True)
+    manifest = read_json(job.storage, join(job.output, MANIFEST))
+    if (missing.size == 0 and manifest is not None and manifest.get("plan_hash") == job.plan_hash
+            and manifest.get("filter_quantile") == syn.filter_quantile):
+        log.info("synthesis: %s is complete (%d rows, plan %s): nothing to do", redact(job.output), job.total, job.plan_hash)
+        return summary(job, manifest, 0, 0, int(done.size))
+    windows = make_windows(missing.tolist(), syn.rows_per_file)
+    log.info("synthesis: plan %s, %d rows (%d committed, %d to generate in %d files) -> %s", job.plan_hash,
+             job.total, done.size, missing.size, len(windows), redact(job.output))
+    new: list[FileStats] = []
+    t_stream = time.perf_counter()
+    if windows:
+        marker = os.path.join(tempfile.gettempdir(), f"diffmix-fail-{uuid.uuid4().hex}") if syn.fail_actor_after else None
+        progress = Progress(int(done.size), job.total, syn.log_every_s)
+        for stats in stream(job, windows, marker):
+            new.append(stats)
+            progress.update(len(stats.index))
+        if marker and os.path.exists(marker):
+            os.unlink(marker)
+    stream_s = time.perf_counter() - t_stream
+    written = int(sum(len(f.index) for f in new))
+    manifest = finish(job, committed + new, time.perf_counter() - t0, stream_s, written)
+    log.info("synthesis: %d rows in %d files, CLIP threshold %s keeps %d; %s", job.total, len(committed) + len(new),
+             manifest["clip_threshold"], manifest["counts"]["kept"], redact(job.output))
+    return summary(job, manifest, written, len(new), int(done.size))
+
+
+__all__ = ["Job", "PLAN_FILE", "adapter_uri", "prepare", "run", "stream"]

@@ -1,0 +1,182 @@
+"""Translate plan rows into images: SDEdit-style img2img (or text-to-image for *-gen), batched by strength.
+
+`Translator` is the Ray Data actor: it resolves and loads the pipeline (and the fine-tuned adapter for
+diff-*) once in `__init__`, on the device it finds there (CUDA fp16, else CPU fp32). `translate_rows`
+is the same work without Ray, used by the actor, the benchmark's bare loop and the tests.
+
+Within a window, rows are grouped by strength (first appearance order) and each group is cut into
+sub-batches of `batch_size` rows: one pipeline call per sub-batch with a list of prompts and one
+`torch.Generator` per row, seeded from the row's seed on the CPU, so a row's noise does not depend on
+its batch neighbours or the device. `num_inference_steps=T, strength=s` runs `int(T*s)` UNet steps.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from engine.storage import Storage, redact
+from engine.synthesis.windows import column_to_pixels, map_windows, pixels_to_column
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class SynthesisError(RuntimeError):
+    """A synthesis job that cannot go on; the message names the file, row, key or URI."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How a worker finds a base model on its own node (never a driver-local path)."""
+
+    spec: str
+    cache_dir: str
+    kind: str = "sd"
+    tiny_seed: int = 0
+    resolution: int = 32
+    extra_words: tuple[str, ...] = ()
+
+    def resolve(self, storage: Storage) -> str:
+        from engine.models import resolve_model
+
+        return resolve_model(self.spec, self.cache_dir, storage, kind=self.kind,  # type: ignore[arg-type]
+                             tiny_seed=self.tiny_seed, resolution=self.resolution, extra_words=self.extra_words)
+
+
+@dataclass(frozen=True)
+class TranslateParams:
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: int
+    batch_size: int
+
+
+def sub_batches(strengths: Sequence[float], has_ref: Sequence[bool], batch_size: int) -> list[np.ndarray]:
+    """Row positions per pipeline call: grouped by (strength, has reference), in order, cut at batch_size."""
+    groups: dict[tuple[float, bool], list[int]] = {}
+    for i, key in enumerate(zip(strengths, has_ref)):
+        groups.setdefault((float(key[0]), bool(key[1])), []).append(i)
+    out = []
+    for rows in groups.values():
+        for lo in range(0, len(rows), batch_size):
+            out.append(np.asarray(rows[lo: lo + batch_size], dtype=np.int64))
+    return out
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline output in [0, 1] (n, H, W, 3) -> uint8, rounding; NaNs (fp16 overflow) become 0."""
+    return np.clip(np.nan_to_num(images, nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def generators(seeds: Sequence[int]) -> "list[torch.Generator]":
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+class Pipelines:
+    """The img2img pipeline plus a text-to-image view over the same modules (for *-gen rows)."""
+
+    def __init__(self, img2img: Any) -> None:
+        self.img2img = img2img
+        self._txt2img: Any = None
+
+    @property
+    def txt2img(self) -> Any:
+        if self._txt2img is None:
+            from diffusers import StableDiffusionPipeline
+
+            comps = {k: v for k, v in self.img2img.components.items()
+                     if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker",
+                              "feature_extractor", "image_encoder")}
+            self._txt2img = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+            self._txt2img.set_progress_bar_config(disable=True)
+        return self._txt2img
+
+
+def translate_rows(pipes: Pipelines, rows: pa.Table, ref_pixels: np.ndarray | None, params: TranslateParams) -> np.ndarray:
+    """Images (n, R, R, 3) uint8 for plan rows; `ref_pixels[i]` is row i's resized reference (None: *-gen)."""
+    import torch
+
+    n = rows.num_rows
+    size = params.resolution
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    strengths = rows.column("strength").to_pylist()
+    seeds = rows.column("seed").to_pylist()
+    prompts = rows.column("prompt").to_pylist()
+    has_ref = [ref_pixels is not None] * n
+    for chunk in sub_batches(strengths, has_ref, params.batch_size):
+        common = dict(prompt=[prompts[i] for i in chunk], num_inference_steps=params.num_inference_steps,
+                      guidance_scale=params.guidance_scale, generator=generators([seeds[i] for i in chunk]),
+                      output_type="np")
+        with torch.inference_mode():
+            if ref_pixels is None:
+                result = pipes.txt2img(height=size, width=size, **common)
+            else:
+                image = torch.from_numpy(ref_pixels[chunk]).permute(0, 3, 1, 2).float().div_(255.0)
+                result = pipes.img2img(image=image, strength=float(strengths[chunk[0]]), **common)
+        out[chunk] = to_uint8(np.asarray(result.images))
+    return out
+
+
+def load_pipelines(model: ModelRef, storage: Storage, adapter_uri: str | None = None,
+                   device: "str | torch.device | None" = None, cpu_threads: int | None = None) -> Pipelines:
+    """Resolve the base model on this node, load it (CUDA fp16 / CPU fp32), apply the adapter if any."""
+    import torch
+
+    from engine.models import load_img2img_pipeline, pick_device_dtype
+
+    dev, dtype = pick_device_dtype(device)
+    if dev.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    pipe = load_img2img_pipeline(model.resolve(storage), device=dev, dtype=dtype)
+    if adapter_uri is not None:
+        from engine.models.adapters import load_adapter
+
+        info = load_adapter(pipe, adapter_uri, storage, fuse=True)
+        log.info("translator uses adapter %s (%s)", redact(adapter_uri), info.strategy)
+    return Pipelines(pipe)
+
+
+class Translator:
+    """Ray Data actor: one pipeline per actor, one window in, the same window with `pixels` out."""
+
+    def __init__(self, model: ModelRef, storage: Storage, params: TranslateParams, adapter_uri: str | None = None,
+                 cpu_threads: int | None = None, fail_after: int | None = None, fail_marker: str | None = None) -> None:
+        self.params = params
+        self.pipes = load_pipelines(model, storage, adapter_uri, cpu_threads=cpu_threads)
+        self.fail_after = fail_after
+        self.fail_marker = fail_marker
+        self.calls = 0
+
+    def _maybe_die(self) -> None:
+        """Test hook (`synthesis.fail_actor_after`): the process exits once, mid-run, like a lost GPU node."""
+        if self.fail_after is None or self.fail_marker is None or self.calls < self.fail_after:
+            return
+        if os.path.exists(self.fail_marker):
+            return
+        with open(self.fail_marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        log.warning("fail_actor_after=%d: translator process %d exits now (test hook)", self.fail_after, os.getpid())
+        os._exit(1)
+
+    def translate_window(self, start: int, end: int, rows: pa.Table) -> pa.Table:
+        refs = None
+        if "ref_pixels" in rows.column_names and rows.column("ref_pixels").null_count == 0:
+            refs = column_to_pixels(rows.column("ref_pixels"), self.params.resolution)
+        images = translate_rows(self.pipes, rows, refs, self.params)
+        if "ref_pixels" in rows.column_names:
+            rows = rows.drop_columns(["ref_pixels"])
+        return rows.append_column("pixels", pixels_to_column(images))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._maybe_die()
+        self.calls += 1
+        return map_windows(batch, self.translate_window)
