@@ -1,0 +1,407 @@
+"""Stage 1, `diffmix finetune`: personalise Stable Diffusion to the dataset's classes with Ray Train.
+
+Driver: validate everything cheap (dataset, classes, base model, batch) before Ray does any work, return
+the existing artifact when the same job already finished, else run a `TorchTrainer` (DDP over
+`finetune.num_workers`) fed by Ray Data (decode, resize, random crop/flip on CPU workers) and write the
+adapter artifact (engine.models.adapters) from the final checkpoint. Checkpoints go to
+`<run>/finetune-ray/<key>` every `checkpoint_every` steps; a dead worker restarts the group from the
+latest one (`FailureConfig(max_failures)`), and a re-launched driver picks it up too (Train V2 restores
+a run with the same storage path and name).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from engine.config import ExperimentConfig
+from engine.data import ImageDataset, decode, load_dataset
+from engine.models import resolve_model
+from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
+                                    write_adapter_info)
+from engine.storage import Storage, is_local, join, redact
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+PROGRESS_FILE = "progress.json"
+ADAPTER_SUBDIR = "adapter"
+# FinetuneConfig fields that change how a run executes, not what it produces: not part of the run key.
+OPERATIONAL_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every",
+                      "max_failures", "output", "fail_at_step", "keep_checkpoints"}
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning cannot start with this config/dataset; raised before any Ray work."""
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def balanced_rates(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Expected copies per row so that each class fills 1/C of an epoch: sampling weight ~ 1/n_class."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    per_class = len(labels) / num_classes
+    return np.where(counts > 0, per_class / np.maximum(counts, 1), 0.0)
+
+
+def balanced_repeat(batch: pa.Table, rates: list[float]) -> pa.Table:
+    """Repeat each row floor(r) or ceil(r) times (expectation r = its class rate), fresh every epoch."""
+    rng = np.random.default_rng()
+    r = np.asarray(rates, dtype=np.float64)[batch.column("label").to_numpy()]
+    copies = np.floor(r).astype(np.int64) + (rng.random(len(r)) < (r - np.floor(r)))
+    return batch.take(pa.array(np.repeat(np.arange(len(r)), copies), type=pa.int64()))
+
+
+def random_crop_flip(img: Image.Image, resolution: int, random_flip: bool, rng: np.random.Generator) -> np.ndarray:
+    """Resize the short side to `resolution`, take a random square crop, maybe flip; uint8 CHW."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    x = int(rng.integers(0, nw - resolution + 1))
+    y = int(rng.integers(0, nh - resolution + 1))
+    arr = np.asarray(img.crop((x, y, x + resolution, y + resolution)), dtype=np.uint8)
+    if random_flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess(batch: dict[str, np.ndarray], resolution: int, random_flip: bool) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn: encoded images -> uint8 [B, 3, R, R] pixels + labels (augmented per epoch)."""
+    rng = np.random.default_rng()
+    pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, random_flip, rng) for b in batch["image"]])
+    return {"pixels": pixels, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def build_dataset(train: pa.Table, num_classes: int, resolution: int, class_balanced: bool,
+                  random_flip: bool, seed: int) -> "ray.data.Dataset":
+    """The train split as a Ray Dataset of augmented pixel batches, in blocks small enough to stream."""
+    import ray.data
+
+    table = train.select(["image", "label"]).take(np.random.default_rng(seed).permutation(train.num_rows))
+    rows_per_block = max(16, math.ceil(table.num_rows / 64))
+    ds = ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])
+    if class_balanced:
+        rates = balanced_rates(table.column("label").to_numpy(), num_classes)
+        ds = ds.map_batches(balanced_repeat, fn_kwargs={"rates": rates.tolist()}, batch_format="pyarrow",
+                            batch_size=None)
+    return ds.map_batches(preprocess, fn_kwargs={"resolution": resolution, "random_flip": random_flip},
+                          batch_format="numpy", batch_size=32)
+
+
+# --- worker --------------------------------------------------------------------------------------
+
+def _worker_logging() -> None:
+    """Ray workers start with bare logging: send this package's INFO lines to stderr (streamed to the driver)."""
+    root = logging.getLogger("engine")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Noise/timestep seed of one step on one worker: the same after a resume as in an unbroken run."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "little") % (2**63)
+
+
+def _mean_across_workers(value: float, count: int, world: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return value / max(count, 1)
+    t = torch.tensor([value, float(count)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def _maybe_inject_failure(cfg: dict[str, Any], step: int, rank: int, world: int) -> None:
+    """Test hook: the last worker raises once when about to run `fail_at_step` (a marker makes it once)."""
+    if cfg["fail_at_step"] is None or step + 1 != cfg["fail_at_step"] or rank != world - 1:
+        return
+    storage = Storage(**cfg["storage"])
+    marker = cfg["failure_marker"]
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"failure injected at step {step + 1}\n")
+    raise RuntimeError(f"injected failure at step {step + 1} (finetune.fail_at_step)")
+
+
+def _report(p: Any, step: int, history: list[list[float]], metrics: dict[str, Any], rank: int,
+            checkpoint: bool, final: bool) -> None:
+    """ray.train.report on every worker (a barrier); rank 0 attaches a checkpoint when asked."""
+    import ray.train
+    import torch
+
+    if not checkpoint or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="diffmix-ft-ckpt-") as tmp:
+        torch.save({**p.train_state(), "step": step, "history": history}, os.path.join(tmp, STATE_FILE))
+        progress = {"step": step, "history": history, "final_loss": metrics.get("loss")}
+        if final:
+            progress["files"] = p.save_adapter_files(os.path.join(tmp, ADAPTER_SUBDIR))
+        with open(os.path.join(tmp, PROGRESS_FILE), "w") as fh:
+            json.dump(progress, fh)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Per-worker Ray Train loop: resume from the latest checkpoint, train to `steps`, checkpoint on the way."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from engine.models.personalize import PersonalizeSpec, Personalizer
+
+    _worker_logging()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    storage = Storage(**cfg["storage"])
+    base = resolve_model(cfg["base_spec"], cfg["cache_dir"], storage, kind="sd", tiny_seed=cfg["tiny_seed"],
+                         resolution=cfg["model_resolution"], extra_words=cfg["extra_words"])
+    spec = PersonalizeSpec(**{**cfg["spec"], "base_folder": base, "class_names": tuple(cfg["spec"]["class_names"])})
+    p = Personalizer(spec, ray.train.torch.get_device())
+    total, log_every, ckpt_every = cfg["steps"], cfg["log_every"], cfg["checkpoint_every"]
+    step, history, resumed_from = 0, [], 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        p.load_train_state(state)
+        step, history, resumed_from = int(state["step"]), [list(h) for h in state["history"]], int(state["step"])
+        log.info("rank %d resumed from checkpoint at step %d", rank, step)
+    if world > 1:
+        p.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    shard = ray.train.get_dataset_shard("train")
+    window_loss, window_n = 0.0, 0
+    t_start, t_window, start_step = time.perf_counter(), time.perf_counter(), step
+    metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
+    while step < total:
+        epoch_steps = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg["worker_batch"], drop_last=True,
+                                              local_shuffle_buffer_size=cfg["shuffle_buffer"]):
+            _maybe_inject_failure(cfg, step, rank, world)
+            window_loss += p.step(batch["pixels"], batch["label"], p.generator(step_seed(cfg["seed"], rank, step)))
+            window_n += 1
+            step += 1
+            epoch_steps += 1
+            is_log, final = step % log_every == 0 or step == total, step == total
+            is_ckpt = step % ckpt_every == 0 or final
+            if is_log or is_ckpt:
+                loss = _mean_across_workers(window_loss, window_n, world)
+                now = time.perf_counter()
+                rate = window_n / max(now - t_window, 1e-9)
+                history.append([step, loss])
+                metrics = {"step": step, "loss": loss, "steps_per_s": rate, "resumed_from_step": resumed_from,
+                           "run_steps_per_s": (step - start_step) / max(now - t_start, 1e-9)}
+                if rank == 0:
+                    log.info("step %d/%d loss %.4f %.2f steps/s", step, total, loss, rate)
+                _report(p, step, history, metrics, rank, checkpoint=is_ckpt, final=final)
+                window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
+            if step >= total:
+                break
+        if epoch_steps == 0 and step < total:
+            raise RuntimeError("an epoch of the train shard gave no full batch: dataset smaller than the batch")
+    if step == start_step:  # restored at the end already (e.g. the artifact was deleted): hand it back again
+        _report(p, step, history, {**metrics, "loss": history[-1][1] if history else None}, rank,
+                checkpoint=True, final=True)
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+def run_key(config: ExperimentConfig, dataset_fingerprint: str, base_hash: str) -> str:
+    """Names what a run produces: dataset version, base model content, the result-relevant finetune fields."""
+    data = {
+        "dataset": dataset_fingerprint,
+        "base_hash": base_hash,
+        "finetune": config.finetune.model_dump(mode="json", exclude=OPERATIONAL_FIELDS),
+        "seed": config.run.seed,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def artifact_uri(config: ExperimentConfig) -> str:
+    return config.finetune.output or join(config.run.uri, "adapter")
+
+
+def _ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: a local absolute path, or an fsspec fs via pyarrow."""
+    if is_local(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path)), None
+    import pyarrow.fs
+
+    fs, path = storage.fs(uri)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
+    """What would only fail inside Ray workers, checked on the driver first."""
+    ft = config.finetune
+    if ds.num_classes < 2:
+        raise FinetuneError(f"fine-tuning needs at least 2 classes; dataset {ds.name} has {ds.num_classes} "
+                            f"({ds.class_names})")
+    if ds.train.num_rows < ft.batch_size:
+        raise FinetuneError(f"dataset {ds.name} has {ds.train.num_rows} train images, fewer than "
+                            f"finetune.batch_size={ft.batch_size}")
+
+
+def _use_gpu(config: ExperimentConfig) -> bool:
+    import ray
+
+    if config.finetune.use_gpu is not None:
+        return config.finetune.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _summary(info: AdapterInfo, reused: bool, **extra: Any) -> dict[str, Any]:
+    return {"artifact": redact(info.uri), "reused": reused, "strategy": info.strategy, "steps": info.steps,
+            "final_loss": info.final_loss, "config_hash": info.config_hash, "classes": len(info.class_names),
+            "tokens": info.tokens, "prompts": info.prompts, "loss_history": info.loss_history, **extra}
+
+
+def _existing(uri: str, key: str, storage: Storage) -> AdapterInfo | None:
+    if not storage.exists(join(uri, ADAPTER_JSON)):
+        return None
+    try:
+        info = read_adapter_info(uri, storage)
+    except AdapterError as exc:
+        log.warning("replacing unreadable adapter at %s: %s", redact(uri), exc)
+        return None
+    if info.config_hash != key:
+        log.warning("adapter at %s was trained with another config (%s); it will be replaced", redact(uri),
+                    info.config_hash)
+        return None
+    return info
+
+
+def _write_artifact(checkpoint: Any, uri: str, storage: Storage, info_fields: dict[str, Any]) -> AdapterInfo:
+    """Copy the final checkpoint's adapter files to `uri`, then adapter.json last (its presence = complete)."""
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, PROGRESS_FILE)) as fh:
+            progress = json.load(fh)
+        if "files" not in progress:
+            raise RuntimeError(f"latest checkpoint (step {progress['step']}) holds no adapter files")
+        storage.remove(join(uri, ADAPTER_JSON))
+        storage.remove(uri, recursive=True)
+        storage.upload_dir(os.path.join(folder, ADAPTER_SUBDIR), uri)
+    history = progress["history"]
+    info = AdapterInfo(**info_fields, **progress["files"], steps=int(progress["step"]), uri=uri,
+                       final_loss=history[-1][1] if history else None, loss_history=history)
+    write_adapter_info(uri, info, storage)
+    return info
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import ray
+    import torch
+    import transformers
+
+    return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, ray)}
+
+
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Fine-tune (or reuse a finished fine-tune) and return a summary naming the adapter artifact."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from engine.models.adapters import class_prompts, placeholder_tokens, trains_embeddings
+
+    t0 = time.perf_counter()
+    ft = config.finetune
+    storage = Storage.from_config(config)
+    ds = load_dataset(config, storage)
+    validate_inputs(config, ds)
+    words = [*ds.class_names, ds.metaclass]
+    base = resolve_model(config.model.base, config.model.cache_dir, storage, kind="sd",
+                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
+    base_hash = fingerprint_folder(base)
+    fingerprint = ds.fingerprint()
+    key = run_key(config, fingerprint, base_hash)
+    out = artifact_uri(config)
+    done = _existing(out, key, storage)
+    if done is not None:
+        log.info("finetune already done for this config (%s): adapter artifact at %s", key, redact(out))
+        return _summary(done, reused=True, elapsed_s=round(time.perf_counter() - t0, 2))
+
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = _use_gpu(config)
+    ray_uri = join(config.run.uri, "finetune-ray")
+    storage_path, storage_fs = _ray_storage(ray_uri, storage)
+    name = f"ft-{key}"
+    spec = {"strategy": ft.strategy, "class_names": list(ds.class_names), "metaclass": ds.metaclass,
+            "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
+            "max_grad_norm": ft.max_grad_norm, "mixed_precision": ft.mixed_precision}
+    loop_config = {
+        "spec": spec, "base_spec": config.model.base, "cache_dir": config.model.cache_dir,
+        "tiny_seed": config.model.tiny_seed, "model_resolution": config.model.resolution, "extra_words": words,
+        "storage": {"storage_options": dict(config.storage.storage_options), "retries": config.storage.retries,
+                    "retry_wait_s": config.storage.retry_wait_s},
+        "steps": ft.steps, "worker_batch": ft.batch_size // ft.num_workers, "seed": config.run.seed,
+        "log_every": ft.log_every, "checkpoint_every": ft.checkpoint_every, "fail_at_step": ft.fail_at_step,
+        "failure_marker": join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"),
+        "shuffle_buffer": max(4 * (ft.batch_size // ft.num_workers), 64),
+    }
+    dataset = build_dataset(ds.train, ds.num_classes, ft.resolution, ft.class_balanced, ft.random_flip,
+                            config.run.seed)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=ft.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": ft.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=ft.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    log.info("finetune %s: %s on %d classes, %d steps, batch %d over %d %s worker(s); checkpoints in %s",
+             key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
+             "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetune {key} finished without a checkpoint (see {redact(join(ray_uri, name))})")
+    metrics = dict(result.metrics or {})
+    resumed_from = int(metrics.get("resumed_from_step") or 0)
+    if resumed_from:
+        log.info("training resumed from checkpoint at step %d after a failure", resumed_from)
+    info = _write_artifact(result.checkpoint, out, storage, {
+        "strategy": ft.strategy, "base_model": config.model.base, "base_model_hash": base_hash,
+        "class_names": list(ds.class_names), "metaclass": ds.metaclass,
+        "tokens": placeholder_tokens(ds.class_names) if trains_embeddings(ft.strategy) else [],
+        "prompts": class_prompts(ft.strategy, ds.class_names, ds.metaclass), "resolution": ft.resolution,
+        "config_hash": key, "dataset_fingerprint": fingerprint, "versions": _versions()})
+    summary = _summary(info, reused=False, resumed_from_step=resumed_from, device="GPU" if use_gpu else "CPU",
+                       steps_per_s=metrics.get("run_steps_per_s"), elapsed_s=round(time.perf_counter() - t0, 2),
+                       checkpoints=redact(join(ray_uri, name)))
+    log.info("finetune done: %d steps, final loss %s; adapter artifact at %s", info.steps,
+             f"{info.final_loss:.4f}" if info.final_loss is not None else "n/a", redact(out))
+    return summary
+
+
+__all__ = ["FinetuneError", "artifact_uri", "balanced_rates", "balanced_repeat", "build_dataset", "preprocess",
+           "random_crop_flip", "run", "run_key", "train_loop", "validate_inputs"]

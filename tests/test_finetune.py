@@ -1,0 +1,224 @@
+"""The finetune stage end to end on Ray Train (2 CPU workers, tiny SD, built-in digits).
+
+Three real runs share the work: `ti+db` (local; loss, stock loading, idempotence), `ti` with an injected
+worker failure (resume), and `db` written to the SeaweedFS S3 server (S3 round trip).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ConfigError, ExperimentConfig, load_config
+from engine.data.images import encode_png
+from engine.finetune import FinetuneError, balanced_rates, balanced_repeat, preprocess, run
+from engine.models import ModelError, load_img2img_pipeline, resolve_model
+from engine.models.adapters import load_adapter, read_adapter_info
+from engine.storage import Storage, join
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+
+def _config(tmp: Path, cache: Path, name: str, *overrides: str) -> ExperimentConfig:
+    return load_config(None, [
+        f"run.output={tmp}", f"run.name={name}", f"model.cache_dir={cache}", "model.resolution=32",
+        "dataset.subset.kind=few_shot", "dataset.subset.shots=8",
+        "finetune.resolution=32", "finetune.batch_size=8", "finetune.num_workers=2",
+        "finetune.cpus_per_worker=0.5", "finetune.learning_rate=1e-2", "finetune.log_every=2",
+        *overrides,
+    ])
+
+
+def _base(config: ExperimentConfig) -> str:
+    from engine.data import load_dataset
+
+    ds = load_dataset(config)
+    return resolve_model("tiny", config.model.cache_dir, kind="sd", resolution=32,
+                         extra_words=[*ds.class_names, ds.metaclass])
+
+
+def _sample(pipe, prompt: str) -> np.ndarray:
+    image = torch.linspace(0, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
+    return pipe(prompt=prompt, image=image, strength=0.7, num_inference_steps=5, guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+
+
+@pytest.fixture(scope="module")
+def tidb(ray_session, tmp_path_factory, tiny_cache):
+    """One trained ti+db artifact shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("ft-tidb")
+    config = _config(tmp, tiny_cache, "tidb", "finetune.steps=12", "finetune.checkpoint_every=6")
+    summary = run(config)
+    return config, summary
+
+
+def test_tidb_trains_and_writes_the_artifact(tidb):
+    config, summary = tidb
+    adapter = join(config.run.uri, "adapter")
+    assert summary["artifact"] == adapter and not summary["reused"] and summary["steps"] == 12
+    losses = [loss for _, loss in summary["loss_history"]]
+    assert [s for s, _ in summary["loss_history"]] == [2, 4, 6, 8, 10, 12]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses  # loss goes down
+    info = read_adapter_info(adapter)
+    assert info.strategy == "ti+db" and info.steps == 12 and info.final_loss == pytest.approx(losses[-1])
+    assert info.tokens[3] == "<three-3>" and info.prompts[3] == "photo of a <three-3> digit"
+    assert info.lora_rank == 10 and info.lora_file and len(info.embedding_files) == 10
+    assert {"torch", "diffusers", "ray", "peft", "transformers"} <= set(info.versions)
+    files = {p.relative_to(adapter).as_posix() for p in Path(adapter).rglob("*") if p.is_file()}
+    assert files == {"adapter.json", "pytorch_lora_weights.safetensors",
+                     *(f"embeddings/class-{i:04d}/learned_embeds.safetensors" for i in range(10))}
+
+
+def test_artifact_loads_into_stock_diffusers_like_the_engine(tidb):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    config, summary = tidb
+    base, adapter = _base(config), summary["artifact"]
+    info = read_adapter_info(adapter)
+    stock = StableDiffusionImg2ImgPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    before = _sample(stock, info.prompts[3])
+    vocab = stock.text_encoder.get_input_embeddings().weight.detach().clone()
+    unet_before = {k: v.clone() for k, v in stock.unet.state_dict().items()}
+    stock.load_lora_weights(adapter, weight_name=info.lora_file)
+    stock.load_textual_inversion([os.path.join(adapter, f) for f in info.embedding_files], token=info.tokens)
+    expected = _sample(stock, info.prompts[3])
+
+    pipe = load_img2img_pipeline(base, device="cpu")
+    loaded = load_adapter(pipe, adapter)
+    assert loaded.prompts == info.prompts
+    np.testing.assert_array_equal(_sample(pipe, loaded.prompts[3]), expected)
+    assert np.abs(expected - before).max() > 1e-3  # and unlike the base model's output
+
+    # ti+db changed both parts; every original embedding row is untouched
+    matrix = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(matrix[: vocab.shape[0]], vocab)
+    metaclass_row = vocab[pipe.tokenizer("digit", add_special_tokens=False)["input_ids"][0]]
+    ids = pipe.tokenizer.convert_tokens_to_ids(info.tokens)
+    assert all(not torch.allclose(matrix[i], metaclass_row) for i in ids)
+    lora_up = [v for k, v in pipe.unet.state_dict().items() if "lora_B" in k]
+    assert lora_up and all(v.abs().max() > 0 for v in lora_up)
+    assert all(torch.equal(unet_before[k], v) for k, v in pipe.unet.state_dict().items() if k in unet_before)
+
+
+def test_rerun_after_finishing_is_a_noop(tidb, caplog):
+    config, summary = tidb
+    checkpoints = sorted(os.listdir(summary["checkpoints"]))
+    caplog.set_level(logging.INFO, logger="engine.finetune")
+    again = run(config)
+    assert again["reused"] and again["artifact"] == summary["artifact"] and again["steps"] == 12
+    assert again["config_hash"] == summary["config_hash"]
+    assert sorted(os.listdir(summary["checkpoints"])) == checkpoints
+    assert "already done" in caplog.text
+
+
+def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cache, caplog):
+    config = _config(tmp_path, tiny_cache, "resume", "finetune.strategy=ti", "finetune.steps=6",
+                     "finetune.checkpoint_every=2", "finetune.fail_at_step=4", "finetune.max_failures=2")
+    caplog.set_level(logging.INFO, logger="engine.finetune")
+    summary = run(config)
+    assert summary["steps"] == 6 and summary["resumed_from_step"] == 2
+    assert [s for s, _ in summary["loss_history"]] == [2, 4, 6]
+    assert "resumed from checkpoint at step 2" in caplog.text
+    assert "adapter artifact at " + summary["artifact"] in caplog.text
+    marker = Path(summary["checkpoints"]) / "injected-failure-4"
+    assert marker.is_file()
+    # ti trains no LoRA: the artifact has embeddings only, and the UNet of a loaded pipeline is the base's
+    info = read_adapter_info(summary["artifact"])
+    assert info.lora_file is None and len(info.embedding_files) == 10
+    base = _base(config)
+    plain, pipe = load_img2img_pipeline(base, device="cpu"), load_img2img_pipeline(base, device="cpu")
+    load_adapter(pipe, summary["artifact"])
+    assert all(torch.equal(v, plain.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    vocab = plain.text_encoder.get_input_embeddings().weight
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[: vocab.shape[0]], vocab)
+
+
+@pytest.mark.s3
+def test_db_artifact_on_s3(ray_session, s3_server, s3_bucket, tiny_cache):
+    options = {"key": S3_ACCESS_KEY, "secret": S3_SECRET_KEY, "client_kwargs": {"endpoint_url": s3_server["endpoint_url"]}}
+    config = _config(Path("/unused"), tiny_cache, "s3db", f"run.output={s3_bucket}/runs", "finetune.strategy=db",
+                     "finetune.steps=4", "finetune.checkpoint_every=4")
+    config.storage.storage_options = options
+    summary = run(config)
+    storage = Storage.from_config(config)
+    adapter = f"{s3_bucket}/runs/s3db/adapter"
+    assert summary["artifact"] == adapter and summary["steps"] == 4
+    assert storage.exists(join(adapter, "pytorch_lora_weights.safetensors"))
+    assert any(f.endswith("/train_state.pt") for f in storage.walk_files(summary["checkpoints"]))
+    info = read_adapter_info(adapter, storage)
+    assert info.strategy == "db" and info.tokens == [] and info.embedding_files == []
+    assert info.prompts[1] == "photo of a one digit"
+    base = _base(config)
+    plain, pipe = load_img2img_pipeline(base, device="cpu"), load_img2img_pipeline(base, device="cpu")
+    load_adapter(pipe, adapter, storage)
+    # db leaves every embedding (and the vocabulary) as it was; the UNet gained trained LoRA layers
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight,
+                       plain.text_encoder.get_input_embeddings().weight)
+    assert len(pipe.tokenizer) == len(plain.tokenizer)
+    assert np.abs(_sample(pipe, info.prompts[1]) - _sample(plain, info.prompts[1])).max() > 1e-3
+
+
+# --- bad input: clear errors before Ray does any work ----------------------------------------------
+
+def test_config_rejects_bad_strategy_rank_and_batch():
+    with pytest.raises(ConfigError, match="finetune.strategy"):
+        load_config(None, ["finetune.strategy=dreambooth"])
+    for rank in (0, -3):
+        with pytest.raises(ConfigError, match="finetune.lora_rank"):
+            load_config(None, [f"finetune.lora_rank={rank}"])
+    with pytest.raises(ConfigError, match="multiple of num_workers"):
+        load_config(None, ["finetune.batch_size=6", "finetune.num_workers=4"])
+
+
+def test_one_class_dataset_fails_before_ray(tmp_path, tiny_cache):
+    root = tmp_path / "data" / "only"
+    root.mkdir(parents=True)
+    for i in range(12):
+        (root / f"{i}.png").write_bytes(encode_png(np.full((16, 16, 3), i * 20, dtype=np.uint8)))
+    config = _config(tmp_path, tiny_cache, "one", "dataset.source=imagefolder", f"dataset.uri={tmp_path / 'data'}",
+                     "dataset.metaclass=thing", "dataset.subset.kind=full")
+    with pytest.raises(FinetuneError, match="at least 2 classes"):
+        run(config)
+    assert not (tmp_path / "one" / "finetune-ray").exists()
+
+
+def test_missing_base_model_fails_before_ray(tmp_path, tiny_cache):
+    config = _config(tmp_path, tiny_cache, "nobase", f"model.base={tmp_path / 'no' / 'such-model'}")
+    with pytest.raises(ModelError, match="base model folder not found"):
+        run(config)
+    assert not (tmp_path / "nobase" / "finetune-ray").exists()
+
+
+def test_dataset_smaller_than_batch_fails_before_ray(tmp_path, tiny_cache):
+    config = _config(tmp_path, tiny_cache, "small", "dataset.subset.shots=1", "finetune.batch_size=16")
+    with pytest.raises(FinetuneError, match="fewer than finetune.batch_size=16"):
+        run(config)
+
+
+# --- data pieces -------------------------------------------------------------------------------------
+
+def test_class_balanced_sampling_weights_inverse_to_class_size():
+    import pyarrow as pa
+
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    rates = balanced_rates(labels, 3)
+    assert rates * np.bincount(labels) == pytest.approx([100 / 3] * 3)
+    table = pa.table({"label": labels, "image": [b""] * len(labels)})
+    counts = np.zeros(3)
+    for _ in range(200):
+        counts += np.bincount(balanced_repeat(table, rates.tolist()).column("label").to_numpy(), minlength=3)
+    assert counts / counts.sum() == pytest.approx([1 / 3] * 3, abs=0.02)
+
+
+def test_preprocess_crops_flips_and_keeps_uint8():
+    img = np.zeros((20, 40, 3), dtype=np.uint8)
+    img[:, :20] = 255  # left half white
+    out = preprocess({"image": np.array([encode_png(img)] * 16, dtype=object), "label": np.arange(16)}, 16, True)
+    assert out["pixels"].shape == (16, 3, 16, 16) and out["pixels"].dtype == np.uint8
+    assert out["label"].tolist() == list(range(16))
+    # a 16x32 resize cropped at random offsets: crops differ across the batch
+    assert len({out["pixels"][i].tobytes() for i in range(16)}) > 1
