@@ -1,0 +1,218 @@
+"""The run report: one HTML page with PNG figures beside it, written to any storage URI.
+
+It only reads the stages' outputs (summaries, metrics, synthetic shards through the shard
+contract), so it can be regenerated at any time from a finished run.
+"""
+from __future__ import annotations
+
+import html
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.data.images import decode
+from engine.data.shards import SyntheticSet
+from engine.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResultRow:
+    """One line of the results table: a method and its accuracy over seeds."""
+
+    method: str
+    strategy: str
+    p: float
+    gamma: float | None
+    top1: list[float]
+    note: str = ""
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.top1)) if self.top1 else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.top1)) if len(self.top1) > 1 else 0.0
+
+
+@dataclass
+class StageTiming:
+    stage: str
+    items: int
+    unit: str
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class ReportInputs:
+    title: str
+    class_names: list[str]
+    real_images: dict[str, bytes]              # ref_id -> encoded image (for the reference column)
+    grid_set: SyntheticSet | None              # a diff-mix set to draw the translation grid from
+    score_set: SyntheticSet | None             # the set whose CLIP scores are plotted
+    results: list[ResultRow] = field(default_factory=list)
+    timings: list[StageTiming] = field(default_factory=list)
+    verdict: str = ""                          # plain-language reading of the results
+    notes: list[str] = field(default_factory=list)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
+    """Rows: class pairs (reference class -> target class); columns: strengths; cell: reference | output."""
+    if inputs.grid_set is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = inputs.grid_set.read(filtered=False, with_images=True)
+    mixed = table.filter(np.asarray(table.column("ref_label").is_valid()) &
+                         (table.column("ref_label").to_numpy(zero_copy_only=False) != table.column("target_label").to_numpy()))
+    if mixed.num_rows == 0:
+        return None
+    strengths = sorted(set(mixed.column("strength").to_pylist()))
+    by_cell: dict[tuple[int, int, float], int] = {}
+    for i, (r, t, s) in enumerate(zip(mixed.column("ref_label").to_pylist(), mixed.column("target_label").to_pylist(),
+                                      mixed.column("strength").to_pylist())):
+        by_cell.setdefault((r, t, s), i)
+    complete = sorted({(r, t) for (r, t, _s) in by_cell if all((r, t, s) in by_cell for s in strengths)})
+    chosen = (complete or sorted({(r, t) for (r, t, _s) in by_cell}))[:pairs]
+    fig, axes = plt.subplots(len(chosen), len(strengths), figsize=(2.4 * len(strengths), 1.4 * len(chosen)),
+                             squeeze=False)
+    for row, (r, t) in enumerate(chosen):
+        for col, s in enumerate(strengths):
+            ax = axes[row][col]
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(f"s = {s:g}", fontsize=9)
+            if col == 0:
+                ax.text(-0.05, 0.5, f"{inputs.class_names[r]} -> {inputs.class_names[t]}", fontsize=8,
+                        ha="right", va="center", transform=ax.transAxes)
+            i = by_cell.get((r, t, s))
+            if i is None:
+                continue
+            ref_id = mixed.column("ref_id")[i].as_py()
+            out = np.asarray(decode(mixed.column("image")[i].as_py()))
+            ref = np.asarray(decode(inputs.real_images[ref_id]).resize(out.shape[1::-1])) \
+                if ref_id in inputs.real_images else np.zeros_like(out)
+            ax.imshow(np.concatenate([ref, np.full((out.shape[0], 2, 3), 255, np.uint8), out], axis=1))
+    fig.suptitle("reference | translated (diff-mix)", fontsize=10)
+    return _png(fig)
+
+
+def clip_histogram(inputs: ReportInputs) -> bytes | None:
+    if inputs.score_set is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = inputs.score_set.read(filtered=False).column("clip_score").to_numpy()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(scores, bins=30, color="#4477aa")
+    if inputs.score_set.threshold is not None:
+        q = inputs.score_set.manifest.get("filter_quantile", 0.1)
+        ax.axvline(inputs.score_set.threshold, color="#cc3311", linestyle="--",
+                   label=f"threshold {inputs.score_set.threshold:.3f} (drops lowest {q:.0%})")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("CLIP score: P(with the metaclass)")
+    ax.set_ylabel("images")
+    return _png(fig)
+
+
+def results_chart(inputs: ReportInputs) -> bytes | None:
+    if not inputs.results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    names = [r.method for r in inputs.results]
+    ax.bar(names, [r.mean for r in inputs.results], yerr=[r.std for r in inputs.results], color="#228833",
+           capsize=3)
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    return _png(fig)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
+    results = _table(
+        ["method", "strategy", "p", "gamma", "top-1 (mean ± std)", "seeds", "note"],
+        [[r.method, r.strategy, f"{r.p:g}", "-" if r.gamma is None else f"{r.gamma:g}",
+          f"{r.mean:.3f} ± {r.std:.3f}", str(len(r.top1)), r.note] for r in inputs.results],
+    )
+    timings = _table(["stage", "items", "seconds", "throughput"],
+                     [[t.stage, f"{t.items} {t.unit}", f"{t.seconds:.1f}", f"{t.rate:.2f} {t.unit}/s"]
+                      for t in inputs.timings])
+    sections = [f"<h1>{html.escape(inputs.title)}</h1>"]
+    if inputs.verdict:
+        sections.append(f"<p class='verdict'>{html.escape(inputs.verdict)}</p>")
+    captions = {
+        "grid.png": "Reference → translated images at each strength, for a few class pairs",
+        "results.png": "Top-1 accuracy by method",
+        "clip_hist.png": "CLIP scores of the synthetic images and the filter threshold",
+    }
+    if "grid.png" in figures:
+        sections.append(f"<h2>Translations</h2><figure><img src='{figures['grid.png']}' alt='grid'>"
+                        f"<figcaption>{captions['grid.png']}</figcaption></figure>")
+    sections.append(f"<h2>Results</h2>{results}")
+    if "results.png" in figures:
+        sections.append(f"<figure><img src='{figures['results.png']}' alt='results'>"
+                        f"<figcaption>{captions['results.png']}</figcaption></figure>")
+    sections.append(f"<h2>Throughput</h2>{timings}")
+    if "clip_hist.png" in figures:
+        sections.append(f"<h2>CLIP filter</h2><figure><img src='{figures['clip_hist.png']}' alt='clip scores'>"
+                        f"<figcaption>{captions['clip_hist.png']}</figcaption></figure>")
+    if inputs.notes:
+        sections.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in inputs.notes) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+             "img{max-width:100%}.verdict{background:#f3f3e8;padding:.6em;border-left:4px solid #aa8}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(inputs.title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def write_report(inputs: ReportInputs, out_uri: str, storage: Storage) -> str:
+    """Write report.html plus its PNG figures under `out_uri`; returns the HTML's URI."""
+    figures: dict[str, bytes | None] = {
+        "grid.png": translation_grid(inputs),
+        "results.png": results_chart(inputs),
+        "clip_hist.png": clip_histogram(inputs),
+    }
+    written = {}
+    for name, data in figures.items():
+        if data:
+            storage.write_bytes(join(out_uri, name), data)
+            written[name] = name
+    page = join(out_uri, "report.html")
+    storage.write_text(page, render_html(inputs, written))
+    log.info("report written: %s", page)
+    return page
