@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "check": "engine.check:run",
     "finetune": "engine.finetune:run",
     "synthesize": "engine.synthesis:run",
+    "classify": "engine.classify.train:run",
+    "sweep": "engine.pipeline:sweep",
 }
 
 

@@ -228,6 +228,13 @@ class ClassifyConfig(Section):
     max_failures: int = Field(default=3, ge=0)
     output: str | None = Field(default=None, description="Default <run>/classify/<hash>")
     fail_at_epoch: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this epoch")
+    filtered: bool = Field(default=True, description="Use only synthetic rows kept by the CLIP filter")
+    crop_scale_min: float = Field(default=0.08, gt=0, le=1, description="RandomResizedCrop: smallest area fraction")
+    hflip: bool = Field(default=True, description="Random horizontal flips in training")
+    eval_crop: float = Field(default=0.875, gt=0, le=1, description="Eval: resize to resolution/eval_crop, center crop")
+    data_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data decode/augment task")
+    prefetch_batches: int = Field(default=2, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in the run folder")
 
     @field_validator("strengths")
     @classmethod
@@ -235,14 +242,24 @@ class ClassifyConfig(Section):
         for s in v or []:
             if not 0 < s <= 1:
                 raise ValueError(f"strength {s} is outside (0, 1]")
+        if v is not None and not v:
+            raise ValueError("strengths is empty (leave it out to use every strength)")
         return v
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> "ClassifyConfig":
+        if self.few_shot_threshold > self.many_shot_threshold:
+            raise ValueError(
+                f"few_shot_threshold ({self.few_shot_threshold}) > many_shot_threshold ({self.many_shot_threshold})"
+            )
+        return self
 
 
 class SweepConfig(Section):
     """Ray Tune grid over the method's knobs; strengths may need synthesis first."""
 
-    gamma: list[float] = Field(default_factory=lambda: [0.5])
-    p: list[float] = Field(default_factory=lambda: [0.1])
+    gamma: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+    p: list[float] = Field(default_factory=lambda: [0.1], min_length=1)
     multiplier: list[float] | None = None
     strengths: list[list[float]] | None = Field(default=None, description="Each item is one strength set")
     metric: str = "top1"
@@ -250,6 +267,41 @@ class SweepConfig(Section):
     asha: bool = False
     max_concurrent_trials: int = Field(default=1, ge=1)
     include_baseline: bool = True
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    trial_cpus: float = Field(default=1.0, gt=0, description="CPUs of each Tune trial's driver (besides its workers)")
+    output: str | None = Field(default=None, description="Default <run>/sweep/<hash>")
+
+    @field_validator("multiplier")
+    @classmethod
+    def _multiplier_positive(cls, v: list[float] | None) -> list[float] | None:
+        for m in v or []:
+            if m <= 0:
+                raise ValueError(f"multiplier {m} must be > 0")
+        if v is not None and not v:
+            raise ValueError("multiplier list is empty (leave it out to use the whole set)")
+        return v
+
+    @field_validator("strengths")
+    @classmethod
+    def _strength_sets(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("strengths is empty (leave it out to use the configured synthetic set)")
+        for group in v:
+            if not group:
+                raise ValueError("a strength set is empty")
+            for s in group:
+                if not 0 < s <= 1:
+                    raise ValueError(f"strength {s} is outside (0, 1]")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("metric is empty")
+        return v
 
     @field_validator("gamma")
     @classmethod

@@ -174,6 +174,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from engine.models.personalize import PersonalizeSpec, Personalizer
 
     _worker_logging()
+    if cfg["cpu_threads"]:
+        torch.set_num_threads(cfg["cpu_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage = Storage(**cfg["storage"])
@@ -195,6 +197,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n = 0.0, 0
     t_start, t_window, start_step = time.perf_counter(), time.perf_counter(), step
+    steady: tuple[int, float] | None = None  # (step, time) at the end of the first window: past warm-up
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
     while step < total:
         epoch_steps = 0
@@ -214,10 +217,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 history.append([step, loss])
                 metrics = {"step": step, "loss": loss, "steps_per_s": rate, "resumed_from_step": resumed_from,
                            "run_steps_per_s": (step - start_step) / max(now - t_start, 1e-9)}
+                if steady is not None:
+                    metrics["steady_steps_per_s"] = (step - steady[0]) / max(now - steady[1], 1e-9)
                 if rank == 0:
                     log.info("step %d/%d loss %.4f %.2f steps/s", step, total, loss, rate)
                 _report(p, step, history, metrics, rank, checkpoint=is_ckpt, final=final)
                 window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
+                steady = steady or (step, t_window)
             if step >= total:
                 break
         if epoch_steps == 0 and step < total:
@@ -365,6 +371,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "log_every": ft.log_every, "checkpoint_every": ft.checkpoint_every, "fail_at_step": ft.fail_at_step,
         "failure_marker": join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"),
         "shuffle_buffer": max(4 * (ft.batch_size // ft.num_workers), 64),
+        # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
+        "cpu_threads": None if use_gpu else max(1, round(ft.cpus_per_worker)),
     }
     dataset = build_dataset(ds.train, ds.num_classes, ft.resolution, ft.class_balanced, ft.random_flip,
                             config.run.seed)
@@ -396,7 +404,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "prompts": class_prompts(ft.strategy, ds.class_names, ds.metaclass), "resolution": ft.resolution,
         "config_hash": key, "dataset_fingerprint": fingerprint, "versions": _versions()})
     summary = _summary(info, reused=False, resumed_from_step=resumed_from, device="GPU" if use_gpu else "CPU",
-                       steps_per_s=metrics.get("run_steps_per_s"), elapsed_s=round(time.perf_counter() - t0, 2),
+                       steps_per_s=metrics.get("run_steps_per_s"),
+                       steady_steps_per_s=metrics.get("steady_steps_per_s"), elapsed_s=round(time.perf_counter() - t0, 2),
                        checkpoints=redact(join(ray_uri, name)))
     log.info("finetune done: %d steps, final loss %s; adapter artifact at %s", info.steps,
              f"{info.final_loss:.4f}" if info.final_loss is not None else "n/a", redact(out))

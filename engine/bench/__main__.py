@@ -11,7 +11,9 @@ import sys
 from engine.bench.table import Row, format_table
 
 # name -> module exposing run(args) -> list[Row]; stages add theirs here
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "finetune": "engine.bench.finetune",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,12 +116,23 @@ class SyntheticSet:
         return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)), columns=columns)
 
     def read(self, strengths: Iterable[float] | None = None, multiplier: float | None = None,
-             filtered: bool = True, with_images: bool = False) -> pa.Table:
-        """Rows kept by the CLIP filter (when `filtered`), of the selected strengths and plan prefix."""
+             filtered: bool = True, with_images: bool = False, with_file: bool = False) -> pa.Table:
+        """Rows kept by the CLIP filter (when `filtered`), of the selected strengths and plan prefix.
+
+        `with_file` adds a `file` column (the URI of the Parquet file holding each row), so a
+        reader can later fetch images of chosen rows from just those files.
+        """
         columns = None if with_images else METADATA_COLUMNS
-        tables = [self._read(f, columns) for f in self.files()]
         schema = SHARD_SCHEMA if with_images else pa.schema([SHARD_SCHEMA.field(c) for c in METADATA_COLUMNS])
-        table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+        tables = []
+        for f in self.files():
+            t = self._read(f, columns).select(schema.names).cast(schema)
+            if with_file:
+                t = t.append_column("file", pa.array([f] * t.num_rows, type=pa.string()))
+            tables.append(t)
+        if with_file:
+            schema = schema.append(pa.field("file", pa.string()))
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
         return table.filter(self.selection(table, strengths, multiplier, filtered))
 
     def selection(self, table: pa.Table, strengths: Iterable[float] | None = None, multiplier: float | None = None,

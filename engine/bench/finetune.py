@@ -1,0 +1,145 @@
+"""Fine-tuning throughput: the Ray Train loop (engine.finetune.run, 1 worker) against a plain in-process loop.
+
+Both train the same Personalizer (ti+db) on the same batches of the built-in digits with the same
+preprocessing and thread count; both rates are measured after a warm-up window. On the CPU the model is
+the tiny SD; with `--gpu` on a CUDA machine, an SD-1.5-shaped model (the published UNet/VAE/text
+encoder configs, random weights, fp16) at 512 px, batch 8.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from engine.bench.table import Row
+from engine.config import ExperimentConfig, load_config
+from engine.data import load_dataset
+from engine.finetune import preprocess, run as run_finetune, step_seed
+from engine.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+TARGET_RATIO = 0.85  # the Ray loop within 15% of the plain loop
+
+
+def build_sd15_shaped(folder: str, extra_words: list[str]) -> str:
+    """A diffusers SD folder with SD-1.5's published component shapes and random weights (fp16 on disk)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from engine.models.tokenizer import save_clip_tokenizer
+
+    tokenizer = save_clip_tokenizer(os.path.join(folder, "tokenizer"), extra_words)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer,
+                                          unet=unet.half(), scheduler=scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def plain_loop(config: ExperimentConfig, base: str, device: str, steps: int, warmup: int) -> float:
+    """Steps/s of a single-process loop: same Personalizer, preprocessing and per-step seeds as a Ray worker."""
+    import torch
+
+    from engine.models.personalize import PersonalizeSpec, Personalizer
+
+    ft = config.finetune
+    ds = load_dataset(config)
+    spec = PersonalizeSpec(base, ft.strategy, tuple(ds.class_names), ds.metaclass, ft.lora_rank, ft.learning_rate,
+                           ft.weight_decay, ft.max_grad_norm, ft.mixed_precision)
+    p = Personalizer(spec, device)
+    images = np.array(ds.train.column("image").to_pylist(), dtype=object)
+    labels = ds.train.column("label").to_numpy()
+    order = np.random.default_rng(config.run.seed).permutation(len(labels))
+    pos, t0 = 0, time.perf_counter()
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        if pos + ft.batch_size > len(order):
+            order, pos = np.random.default_rng(step).permutation(len(labels)), 0
+        idx = order[pos:pos + ft.batch_size]
+        pos += ft.batch_size
+        batch = preprocess({"image": images[idx], "label": labels[idx]}, ft.resolution, ft.random_flip)
+        p.step(torch.from_numpy(batch["pixels"]), torch.from_numpy(batch["label"]),
+               p.generator(step_seed(config.run.seed, 0, step)))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
+def _case(out: str, base_spec: str, cache: str, resolution: int, steps: int, warmup: int, gpu: bool,
+          threads: int) -> tuple[float, float]:
+    """(plain steps/s, Ray steps/s) for one model/resolution; warm-up = the first log window."""
+    config = load_config(None, [
+        f"run.output={out}", f"run.name=bench-{'gpu' if gpu else 'cpu'}", f"model.base={base_spec}",
+        f"model.cache_dir={cache}", f"model.resolution={resolution}", "dataset.image_size=32",
+        f"finetune.resolution={resolution}", "finetune.batch_size=8", "finetune.num_workers=1",
+        f"finetune.steps={warmup + steps}", f"finetune.log_every={warmup}", f"finetune.checkpoint_every={warmup + steps}",
+        f"finetune.use_gpu={str(gpu).lower()}", f"finetune.cpus_per_worker={threads}", "finetune.mixed_precision=fp16",
+    ])
+    ds = load_dataset(config)
+    base = resolve_model(base_spec, cache, kind="sd", resolution=resolution, extra_words=[*ds.class_names, ds.metaclass])
+    import torch
+
+    torch.set_num_threads(threads)
+    plain = plain_loop(config, base, "cuda" if gpu else "cpu", steps, warmup)
+    if gpu:
+        torch.cuda.empty_cache()  # hand the plain loop's cached blocks back before the Ray worker loads its copy
+    summary = run_finetune(config)
+    return plain, float(summary["steady_steps_per_s"])
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    import ray
+    import torch
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local cluster below is this process's own
+    threads = max(1, min(2, os.cpu_count() or 1))
+    if not ray.is_initialized():
+        ray.init(num_cpus=threads + 2, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="diffmix-bench-ft-") as tmp:
+        cache = os.path.join(tmp, "cache")
+        plain, ray_sps = _case(tmp, "tiny", cache, 32, steps=60, warmup=20, gpu=False, threads=threads)
+        case = f"ti+db, tiny SD 32px, batch 8, {threads} threads"
+        rows.append(Row("finetune", f"plain loop: {case}", plain, "steps/s"))
+        rows.append(Row("finetune", f"Ray Train loop (1 worker, Ray Data input): {case}", ray_sps, "steps/s",
+                        baseline="plain loop", ratio=ray_sps / plain, target=f">= {TARGET_RATIO:.2f}x",
+                        ok=ray_sps / plain >= TARGET_RATIO))
+        if getattr(args, "gpu", False) and torch.cuda.is_available():
+            card = torch.cuda.get_device_name(0)
+            from engine.data.builtin import CLASS_NAMES, METACLASS
+
+            base = build_sd15_shaped(os.path.join(tmp, "sd15-shaped"), [*CLASS_NAMES, METACLASS])
+            plain, ray_sps = _case(tmp, base, cache, 512, steps=40, warmup=10, gpu=True, threads=threads)
+            case = "ti+db, SD-1.5-shaped UNet (random), fp16, 512px, batch 8"
+            rows.append(Row("finetune", f"plain loop: {case}", plain, "steps/s", device=card))
+            rows.append(Row("finetune", f"Ray Train loop (1 GPU worker): {case}", ray_sps, "steps/s",
+                            baseline="plain loop", ratio=ray_sps / plain, target=f">= {TARGET_RATIO:.2f}x",
+                            ok=ray_sps / plain >= TARGET_RATIO, device=card))
+    for row in rows:
+        log.info("%s: %.3g %s", row.case, row.value, row.unit)
+    return rows

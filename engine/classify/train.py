@@ -1,0 +1,358 @@
+"""The classifier stage: a Ray Train `TorchTrainer` (DDP) over real + synthetic rows with soft targets.
+
+`run(config)` loads the dataset, reads the synthetic set's metadata once, trains with one
+`TorchTrainer`, and writes `metrics.json` under the run folder. `fit(...)` is the same minus
+dataset loading, so Tune trials reuse the driver's tables (see `engine.classify.tune`).
+Checkpoints go to `<output>/train` through Ray Train; a rerun with the same output, or a worker
+restart after a failure, resumes from the latest one (`ray.train.get_checkpoint()`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.classify.labels import check_gamma, soft_cross_entropy
+from engine.classify.metrics import EvalCounts, summarize
+from engine.classify.mixing import (
+    Block,
+    StreamSettings,
+    SyntheticSelection,
+    check_p,
+    epoch_batches,
+    epoch_dataset,
+    epoch_plan,
+    eval_dataset,
+    open_selection,
+    put_blocks,
+    worker_share,
+)
+from engine.config import ExperimentConfig
+from engine.data.dataset import ImageDataset
+from engine.data.shards import MANIFEST, ShardError
+from engine.storage import Storage, is_local, join, redact
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+
+
+# --- driver side ---------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """The dataset as the workers need it: blocks in the object store plus a few numbers."""
+
+    class_names: list[str]
+    train_blocks: list[Block]
+    test_blocks: list[Block]
+    num_train: int
+    train_counts: list[int]
+    group_ids: list[int] = field(default_factory=list)
+    long_tail: bool = False
+
+
+def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_block: int = 64) -> Inputs:
+    """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store."""
+    rng = np.random.default_rng([config.run.seed, 0x7A1])
+    train = dataset.train.take(rng.permutation(dataset.train.num_rows))
+    groups = sorted({g for g in dataset.test.column("group").to_pylist() if g is not None})
+    return Inputs(
+        class_names=list(dataset.class_names),
+        train_blocks=put_blocks(train, rows_per_block),
+        test_blocks=put_blocks(dataset.test, rows_per_block),
+        num_train=train.num_rows,
+        train_counts=[int(c) for c in dataset.class_counts("train")],
+        group_ids=[int(g) for g in groups],
+        long_tail=config.dataset.subset.kind == "long_tail",
+    )
+
+
+def absolute(uri: str) -> str:
+    """Local paths become absolute: Train workers run in their own working directory."""
+    if not is_local(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def output_uri(config: ExperimentConfig) -> str:
+    if config.classify.output:
+        return absolute(config.classify.output)
+    return absolute(join(config.run.uri, "classify", config.hash("dataset", "classify")))
+
+
+def resolve_synthetic(config: ExperimentConfig, storage: Storage) -> str:
+    """`classify.synthetic`, or else the one synthetic set under `<run>/synthetic/`."""
+    if config.classify.synthetic:
+        return absolute(config.classify.synthetic)
+    root = absolute(join(config.run.uri, "synthetic"))
+    fs, path = storage.fs(root)
+    found = sorted(fs.glob(path.rstrip("/") + "/*/" + MANIFEST))
+    if len(found) != 1:
+        what = "no synthetic set" if not found else f"{len(found)} synthetic sets"
+        raise ShardError(
+            f"classify.p = {config.classify.p} needs synthetic images, but there is {what} under {redact(root)}: "
+            "set classify.synthetic to the set's folder (or run `diffmix synthesize` first)"
+        )
+    return join(root, found[0].rstrip("/").split("/")[-2])
+
+
+def _train_storage(output: str, storage: Storage) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train, through the Storage's fsspec filesystem."""
+    if is_local(output):
+        return output, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.fs(output)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _use_gpu(requested: bool | None) -> bool:
+    import ray
+
+    if requested is not None:
+        return requested
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
+        callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train once with a `TorchTrainer`; returns (and writes to `<output>/metrics.json`) the summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = config.classify
+    check_p(cfg.p)
+    check_gamma(cfg.gamma)
+    storage = Storage.from_config(config)
+    output = absolute(output or output_uri(config))
+    synthetic_uri = None
+    selection = SyntheticSelection.empty()
+    if cfg.p > 0:
+        synthetic_uri = resolve_synthetic(config, storage)
+        selection = open_selection(synthetic_uri, storage, inputs.class_names, cfg.strengths, cfg.multiplier,
+                                   cfg.filtered, cfg.p)
+    loop_config = {"config": config.model_dump(mode="json"), "inputs": inputs, "selection": selection,
+                   "output": output}
+    use_gpu = _use_gpu(cfg.use_gpu)
+    storage_path, filesystem = _train_storage(output, storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=list(callbacks or []),
+        ),
+    )
+    log.info("classify: %s @%dpx, %d epochs, p=%s gamma=%s, %d train rows, %d synthetic rows selected -> %s",
+             cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
+             redact(output))
+    result = trainer.fit()
+    metrics = {k: v for k, v in (result.metrics or {}).items() if _jsonable(v)}
+    summary = {
+        "output": output,
+        "synthetic": synthetic_uri,
+        "num_train": inputs.num_train,
+        "num_synthetic_selected": len(selection),
+        "classify": cfg.model_dump(mode="json"),
+        "metrics": metrics,
+    }
+    storage.write_text(join(output, METRICS_FILE), json.dumps(summary, indent=2, sort_keys=True))
+    log.info("classify: top1 %.4f after %s epochs (%s)", metrics.get("top1", float("nan")), metrics.get("epoch"),
+             redact(join(output, METRICS_FILE)))
+    return summary
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Stage entry (`diffmix classify`): load the dataset, train, write metrics.json."""
+    from engine.data import load_dataset
+
+    ensure_ray()
+    storage = Storage.from_config(config)
+    dataset = load_dataset(config, storage)
+    return fit(config, prepare_inputs(config, dataset))
+
+
+# --- worker side ---------------------------------------------------------------------------------
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR factor per step: linear warm-up, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+    return factor
+
+
+def _maybe_fail(epoch: int, fail_at: int | None, rank: int, output: str, storage: Storage) -> None:
+    """Test hook: rank 0 raises once at `fail_at` (a marker file in the output makes it once)."""
+    if fail_at is None or epoch != fail_at or rank != 0:
+        return
+    marker = join(output, f".fail_at_epoch_{fail_at}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, str(time.time()))
+    raise RuntimeError(f"injected failure at epoch {epoch} (classify.fail_at_epoch)")
+
+
+def _evaluate(model, inputs: Inputs, cfg, rank: int, world: int, device, batch_size: int) -> dict[str, float]:
+    import torch
+
+    from engine.classify.augment import to_model_input
+
+    counts = EvalCounts.zeros(len(inputs.class_names), len(inputs.group_ids))
+    ds = eval_dataset(inputs.test_blocks, rank, world, inputs.group_ids, cfg.resolution, cfg.eval_crop,
+                      cfg.data_cpus)
+    model.eval()
+    with torch.no_grad():
+        for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
+            if not len(batch["x"]):
+                continue
+            logits = model(to_model_input(batch["x"].to(device)))
+            counts.add(logits.argmax(dim=1).cpu().numpy(), batch["label"].numpy(), batch["group_pos"].numpy())
+    if world > 1:
+        import torch.distributed as dist
+
+        vec = torch.as_tensor(counts.as_vector(), dtype=torch.float64, device=device)
+        dist.all_reduce(vec)
+        counts = EvalCounts.from_vector(vec.cpu().numpy().round(), len(inputs.class_names), len(inputs.group_ids))
+    out = summarize(counts, inputs.group_ids, np.asarray(inputs.train_counts), inputs.long_tail,
+                    cfg.many_shot_threshold, cfg.few_shot_threshold)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Per worker: SGD + warm-up/cosine, soft-target CE with smoothing, CutMix/Mixup, AMP on CUDA."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from engine.classify.augment import cutmix, mixup, to_model_input
+    from engine.classify.models import build_model
+
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    cfg = config.classify
+    inputs: Inputs = loop_config["inputs"]
+    selection: SyntheticSelection = loop_config["selection"]
+    output: str = loop_config["output"]
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    storage = Storage.from_config(config)
+    num_classes = len(inputs.class_names)
+
+    model = build_model(cfg.backbone, num_classes, cfg.resolution, cfg.pretrained, storage)
+    model = ray.train.torch.prepare_model(model)
+    module = getattr(model, "module", model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    batch_size = max(1, cfg.batch_size // world)
+    worker_rows = -(-inputs.num_train // world)
+    steps_per_epoch = -(-worker_rows // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, resumed_from = 1, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        resumed_from = int(state["epoch"])
+        start_epoch = resumed_from + 1
+        log.info("resumed from checkpoint at epoch %d", resumed_from)
+        if start_epoch > cfg.epochs:  # a finished run: report its final metrics again, train nothing
+            ray.train.report(dict(state.get("metrics", {}), resumed_from_epoch=resumed_from))
+            return
+
+    settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
+                              hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus)
+    mix_rng = np.random.default_rng([config.run.seed, rank, start_epoch, 0xC0C])
+    throughput: list[float] = []
+    last_eval: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        _maybe_fail(epoch, cfg.fail_at_epoch, rank, output, storage)
+        plan = epoch_plan(inputs.num_train, len(selection), cfg.p, config.run.seed, epoch)
+        share = worker_share(plan, len(selection), rank, world)
+        rng = np.random.default_rng([config.run.seed, epoch, rank])
+        data = epoch_dataset(inputs.train_blocks, selection, share, storage, settings, rng)
+        model.train()
+        loss_sum, rows, steps = 0.0, 0, 0
+        start = time.perf_counter()
+        for batch in epoch_batches(share, data, batch_size, cfg.prefetch_batches, seed=int(rng.integers(2**31))):
+            x = to_model_input(batch["x"].to(device, non_blocking=True))
+            y = batch["y"].to(device, non_blocking=True)
+            if cfg.cutmix_prob > 0 and mix_rng.random() < cfg.cutmix_prob:
+                x, y = cutmix(x, y, cfg.cutmix_alpha, mix_rng)
+            elif cfg.mixup_prob > 0 and mix_rng.random() < cfg.mixup_prob:
+                x, y = mixup(x, y, cfg.mixup_alpha, mix_rng)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = soft_cross_entropy(model(x), y, cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            rows += len(y)
+            steps += 1
+        elapsed = time.perf_counter() - start
+        rate = rows * world / elapsed if elapsed > 0 else 0.0
+        throughput.append(rate)
+        metrics: dict[str, Any] = {
+            "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "train_rows": rows * world,
+            "synthetic_rows": int(share.synthetic_counts.sum()) * world, "steps": steps,
+            "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate,
+            # the first epoch of an attempt carries start-up costs; the mean leaves it out when it can
+            "train_samples_per_s_mean": float(np.mean(throughput[1:] if len(throughput) > 1 else throughput)),
+        }
+        if resumed_from is not None:
+            metrics["resumed_from_epoch"] = resumed_from
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            last_eval = _evaluate(module, inputs, cfg, rank, world, device, batch_size)
+            metrics.update(last_eval)
+            metrics["eval_epoch"] = epoch
+        log.info("epoch %d/%d: loss %.4f, %d rows (%d synthetic), %.1f samples/s%s", epoch, cfg.epochs,
+                 metrics["train_loss"], rows, int(share.synthetic_counts.sum()), rate,
+                 f", top1 {last_eval['top1']:.4f}" if "eval_epoch" in metrics and "top1" in last_eval else "")
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                                "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,220 @@
+"""Ray Tune sweeps over the method's knobs: gamma, p, multiplier prefix and strength set.
+
+gamma, p and the multiplier prefix cost no synthesis (labels are computed when read, prefixes are
+row selections); each strength set needs its own synthetic set, which the caller-supplied
+`ensure_synthetic(config) -> uri` makes or reuses before any trial starts (the orchestration in
+`engine.pipeline` passes the synthesis stage; this module never imports another stage).
+Each trial builds and fits a `TorchTrainer` with `TuneReportCallback` (Tune over Train V2).
+Output: `results.csv` and `results.md`, sorted by the chosen metric, with the p = 0 baseline.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from typing import Any, Callable
+
+from engine.classify.train import Inputs, absolute, ensure_ray, fit, prepare_inputs
+from engine.config import ExperimentConfig, validate
+from engine.storage import Storage, is_local, join, redact
+
+log = logging.getLogger(__name__)
+
+EnsureSynthetic = Callable[[ExperimentConfig], str]
+BASELINE = "baseline"
+_POINT_COLUMNS = ["trial", "strengths", "multiplier", "gamma", "p"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def point_key(strengths: list[float] | None, multiplier: float | None, gamma: float, p: float) -> str:
+    parts = []
+    if strengths is not None:
+        parts.append("s=" + "+".join(_fmt(s) for s in strengths))
+    if multiplier is not None:
+        parts.append(f"m={_fmt(multiplier)}")
+    parts += [f"g={_fmt(gamma)}", f"p={_fmt(p)}"]
+    return "_".join(parts)
+
+
+def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Every trial: strengths x multiplier x gamma x p; all p = 0 points collapse into one baseline."""
+    sweep, cls = config.sweep, config.classify
+    strength_sets: list[list[float] | None] = [sorted(s) for s in sweep.strengths] if sweep.strengths else [None]
+    multipliers: list[float | None] = list(sweep.multiplier) if sweep.multiplier else [cls.multiplier]
+    points: list[dict[str, Any]] = []
+    if sweep.include_baseline or 0 in sweep.p:
+        points.append({"trial": BASELINE, "strengths": None, "multiplier": None, "gamma": cls.gamma, "p": 0.0})
+    for strengths in strength_sets:
+        for multiplier in multipliers:
+            for gamma in sweep.gamma:
+                for p in sweep.p:
+                    if p == 0:
+                        continue
+                    points.append({"trial": point_key(strengths, multiplier, gamma, p), "strengths": strengths,
+                                   "multiplier": multiplier, "gamma": float(gamma), "p": float(p)})
+    return points
+
+
+def sweep_output(config: ExperimentConfig) -> str:
+    if config.sweep.output:
+        return absolute(config.sweep.output)
+    return absolute(join(config.run.uri, "sweep", config.hash("dataset", "classify", "sweep")))
+
+
+def _strength_key(strengths: list[float] | None) -> str:
+    return "default" if strengths is None else "+".join(_fmt(s) for s in strengths)
+
+
+def synthetic_sets(config: ExperimentConfig, points: list[dict[str, Any]],
+                   ensure_synthetic: EnsureSynthetic | None) -> dict[str, str | None]:
+    """Strength-set key -> synthetic set URI, made or reused (once per set) before any trial starts."""
+    needed = {_strength_key(p["strengths"]): p["strengths"] for p in points if p["p"] > 0}
+    out: dict[str, str | None] = {}
+    for key, strengths in needed.items():
+        if strengths is None:
+            if config.classify.synthetic or ensure_synthetic is None:
+                out[key] = config.classify.synthetic  # None: the classifier finds the run's own set
+            else:
+                out[key] = ensure_synthetic(config)
+            continue
+        if ensure_synthetic is None:
+            raise ValueError(
+                "sweep.strengths needs a synthetic set per strength set: run the sweep through "
+                "`diffmix sweep` (engine.pipeline.sweep), which supplies synthesis"
+            )
+        data = config.model_dump(mode="json")
+        data["synthesis"]["strengths"] = list(strengths)
+        data["synthesis"]["output"] = None
+        log.info("sweep: synthetic set for strengths %s", strengths)
+        out[key] = ensure_synthetic(validate(data))
+    return out
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], inputs: Inputs, root: str) -> None:
+    """One Tune trial: this point's config, one `TorchTrainer`, metrics forwarded to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    point = params["point"]
+    data = dict(base)
+    data["classify"] = dict(base["classify"], p=point["p"], gamma=point["gamma"], multiplier=point["multiplier"],
+                            synthetic=point["synthetic"], output=None)
+    if point["strengths"] is not None:
+        data["classify"]["strengths"] = point["strengths"]
+    config = validate(data)
+    fit(config, inputs, output=join(root, "trials", point["trial"]), callbacks=[TuneReportCallback()])
+
+
+def _metric_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    keys = {k for r in rows for k in r["metrics"]}
+    evals = sorted(k for k in keys if k == "top1" or k.startswith("acc_") or k == "worst_group_acc")
+    ordered = [metric] + [k for k in evals if k != metric]
+    return ordered + [k for k in ("epoch", "train_samples_per_s_mean") if k in keys and k not in ordered]
+
+
+def _sort(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        value = row["metrics"].get(metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return (1, 0.0)
+        return (0, -value if mode == "max" else value)
+    return sorted(rows, key=key)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    if isinstance(value, list):
+        return "+".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def results_table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
+    columns = _POINT_COLUMNS + _metric_columns(rows, metric) + ["status"]
+    body = []
+    for row in rows:
+        values = {**{c: row["point"].get(c) for c in _POINT_COLUMNS}, **row["metrics"], "status": row["status"]}
+        body.append([_cell(values.get(c)) for c in columns])
+    return columns, body
+
+
+def to_csv(columns: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows(body)
+    return buf.getvalue()
+
+
+def to_markdown(columns: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell or " " for cell in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None = None) -> dict[str, Any]:
+    """Make sure each strength set has a synthetic set, run the grid on Tune, write the results table."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from engine.data import load_dataset
+
+    ensure_ray()
+    sweep = config.sweep
+    storage = Storage.from_config(config)
+    output = sweep_output(config)
+    points = grid_points(config)
+    sets = synthetic_sets(config, points, ensure_synthetic)
+    for point in points:
+        point["synthetic"] = sets.get(_strength_key(point["strengths"])) if point["p"] > 0 else None
+    log.info("sweep: %d trials (%s) -> %s", len(points), ", ".join(p["trial"] for p in points), redact(output))
+    inputs = prepare_inputs(config, load_dataset(config, storage))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=config.model_dump(mode="json"), inputs=inputs, root=output),
+        {"cpu": sweep.trial_cpus},
+    )
+    scheduler = None
+    if sweep.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", metric=sweep.metric, mode=sweep.mode,
+                                  max_t=config.classify.epochs, grace_period=min(sweep.grace_period,
+                                                                                 config.classify.epochs))
+    storage_path, filesystem = absolute(join(output, "tune")), None
+    if not is_local(output):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, storage_path = storage.fs(join(output, "tune"))
+        filesystem = PyFileSystem(FSSpecHandler(fs))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"point": tune.grid_search(points)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler),
+        run_config=tune.RunConfig(name="grid", storage_path=storage_path, storage_filesystem=filesystem, verbose=0),
+    )
+    grid = tuner.fit()
+    rows = []
+    failed = []
+    for result in grid:
+        point = result.config["point"]
+        metrics = {k: v for k, v in (result.metrics or {}).items()
+                   if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc"} or k.startswith("acc_")}
+        status = "ok" if result.error is None else f"error: {type(result.error).__name__}"
+        if result.error is not None:
+            failed.append(f"{point['trial']}: {result.error}")
+        rows.append({"point": point, "metrics": metrics, "status": status})
+    rows = _sort(rows, sweep.metric, sweep.mode)
+    columns, body = results_table(rows, sweep.metric)
+    csv_uri, md_uri = join(output, "results.csv"), join(output, "results.md")
+    storage.write_text(csv_uri, to_csv(columns, body))
+    storage.write_text(md_uri, to_markdown(columns, body))
+    log.info("sweep results (%s, %s):\n%s", redact(csv_uri), redact(md_uri), to_markdown(columns, body))
+    if failed:
+        raise RuntimeError(f"sweep: {len(failed)} of {len(rows)} trial(s) failed (table at {redact(md_uri)}):\n"
+                           + "\n".join(failed))
+    return {"output": output, "results_csv": csv_uri, "results_md": md_uri, "metric": sweep.metric,
+            "synthetic_sets": sets,
+            "rows": [{**r["point"], **r["metrics"], "status": r["status"]} for r in rows]}

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests and the benchmarks (real services started locally, never mocks)."""
