@@ -13,6 +13,7 @@ from engine.bench.table import Row, format_table
 # name -> module exposing run(args) -> list[Row]; stages add theirs here
 BENCHMARKS: dict[str, str] = {
     "finetune": "engine.bench.finetune",
+    "synthesis": "engine.bench.synthesis",
 }
 
 
