@@ -146,8 +146,39 @@ def _maybe_inject_failure(cfg: dict[str, Any], step: int, rank: int, world: int)
     raise RuntimeError(f"injected failure at step {step + 1} (finetune.fail_at_step)")
 
 
-def _report(p: Any, step: int, history: list[list[float]], metrics: dict[str, Any], rank: int,
-            checkpoint: bool, final: bool) -> None:
+class _Progress:
+    """Loss and throughput bookkeeping of one worker: windows of `log_every` steps, history across resumes."""
+
+    def __init__(self, step: int, history: list[list[float]], world: int) -> None:
+        self.start_step, self.world = step, world
+        self.history = history  # [step, mean loss over the window], restored from the checkpoint
+        self.rates: list[float] = []  # steps/s of each window of this attempt (each pays the previous report)
+        self.loss_sum, self.n = 0.0, 0
+        self.t_start = self.t_window = time.perf_counter()
+        self.steady: tuple[int, float] | None = None  # (step, time) after the first window: past warm-up
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.n += 1
+
+    def close_window(self, step: int, resumed_from: int) -> dict[str, Any]:
+        """Mean loss over the window (all workers) and rates; the metrics every worker reports."""
+        loss = _mean_across_workers(self.loss_sum, self.n, self.world)
+        now = time.perf_counter()
+        rate = self.n / max(now - self.t_window, 1e-9)
+        self.history.append([step, loss])
+        self.rates.append(rate)
+        metrics = {"step": step, "loss": loss, "steps_per_s": rate, "resumed_from_step": resumed_from,
+                   "run_steps_per_s": (step - self.start_step) / max(now - self.t_start, 1e-9)}
+        if self.steady is not None:
+            metrics["steady_steps_per_s"] = (step - self.steady[0]) / max(now - self.steady[1], 1e-9)
+        self.steady = self.steady or (step, now)
+        self.loss_sum, self.n, self.t_window = 0.0, 0, now
+        return metrics
+
+
+def _report(p: Any, step: int, progress: _Progress, metrics: dict[str, Any], rank: int, checkpoint: bool,
+            final: bool) -> None:
     """ray.train.report on every worker (a barrier); rank 0 attaches a checkpoint when asked."""
     import ray.train
     import torch
@@ -156,12 +187,12 @@ def _report(p: Any, step: int, history: list[list[float]], metrics: dict[str, An
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="diffmix-ft-ckpt-") as tmp:
-        torch.save({**p.train_state(), "step": step, "history": history}, os.path.join(tmp, STATE_FILE))
-        progress = {"step": step, "history": history, "final_loss": metrics.get("loss")}
+        torch.save({**p.train_state(), "step": step, "history": progress.history}, os.path.join(tmp, STATE_FILE))
+        summary: dict[str, Any] = {"step": step, "history": progress.history, "rates": progress.rates}
         if final:
-            progress["files"] = p.save_adapter_files(os.path.join(tmp, ADAPTER_SUBDIR))
+            summary["files"] = p.save_adapter_files(os.path.join(tmp, ADAPTER_SUBDIR))
         with open(os.path.join(tmp, PROGRESS_FILE), "w") as fh:
-            json.dump(progress, fh)
+            json.dump(summary, fh)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -184,52 +215,41 @@ def train_loop(cfg: dict[str, Any]) -> None:
     spec = PersonalizeSpec(**{**cfg["spec"], "base_folder": base, "class_names": tuple(cfg["spec"]["class_names"])})
     p = Personalizer(spec, ray.train.torch.get_device())
     total, log_every, ckpt_every = cfg["steps"], cfg["log_every"], cfg["checkpoint_every"]
-    step, history, resumed_from = 0, [], 0
+    step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
         p.load_train_state(state)
-        step, history, resumed_from = int(state["step"]), [list(h) for h in state["history"]], int(state["step"])
+        step, history = int(state["step"]), [list(h) for h in state["history"]]
         log.info("rank %d resumed from checkpoint at step %d", rank, step)
+    resumed_from = step
     if world > 1:
         p.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     shard = ray.train.get_dataset_shard("train")
-    window_loss, window_n = 0.0, 0
-    t_start, t_window, start_step = time.perf_counter(), time.perf_counter(), step
-    steady: tuple[int, float] | None = None  # (step, time) at the end of the first window: past warm-up
+    progress = _Progress(step, history, world)
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
     while step < total:
         epoch_steps = 0
         for batch in shard.iter_torch_batches(batch_size=cfg["worker_batch"], drop_last=True,
                                               local_shuffle_buffer_size=cfg["shuffle_buffer"]):
             _maybe_inject_failure(cfg, step, rank, world)
-            window_loss += p.step(batch["pixels"], batch["label"], p.generator(step_seed(cfg["seed"], rank, step)))
-            window_n += 1
+            progress.add(p.step(batch["pixels"], batch["label"], p.generator(step_seed(cfg["seed"], rank, step))))
             step += 1
             epoch_steps += 1
-            is_log, final = step % log_every == 0 or step == total, step == total
+            final = step == total
             is_ckpt = step % ckpt_every == 0 or final
-            if is_log or is_ckpt:
-                loss = _mean_across_workers(window_loss, window_n, world)
-                now = time.perf_counter()
-                rate = window_n / max(now - t_window, 1e-9)
-                history.append([step, loss])
-                metrics = {"step": step, "loss": loss, "steps_per_s": rate, "resumed_from_step": resumed_from,
-                           "run_steps_per_s": (step - start_step) / max(now - t_start, 1e-9)}
-                if steady is not None:
-                    metrics["steady_steps_per_s"] = (step - steady[0]) / max(now - steady[1], 1e-9)
+            if is_ckpt or step % log_every == 0:
+                metrics = progress.close_window(step, resumed_from)
                 if rank == 0:
-                    log.info("step %d/%d loss %.4f %.2f steps/s", step, total, loss, rate)
-                _report(p, step, history, metrics, rank, checkpoint=is_ckpt, final=final)
-                window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
-                steady = steady or (step, t_window)
-            if step >= total:
+                    log.info("step %d/%d loss %.4f %.2f steps/s", step, total, metrics["loss"], metrics["steps_per_s"])
+                _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final)
+            if final:
                 break
         if epoch_steps == 0 and step < total:
             raise RuntimeError("an epoch of the train shard gave no full batch: dataset smaller than the batch")
-    if step == start_step:  # restored at the end already (e.g. the artifact was deleted): hand it back again
-        _report(p, step, history, {**metrics, "loss": history[-1][1] if history else None}, rank,
+    if step == resumed_from and step > 0:  # restored at the end already (e.g. the artifact was deleted)
+        _report(p, step, progress, {**metrics, "loss": history[-1][1] if history else None}, rank,
                 checkpoint=True, final=True)
 
 
@@ -301,8 +321,11 @@ def _existing(uri: str, key: str, storage: Storage) -> AdapterInfo | None:
     return info
 
 
-def _write_artifact(checkpoint: Any, uri: str, storage: Storage, info_fields: dict[str, Any]) -> AdapterInfo:
-    """Copy the final checkpoint's adapter files to `uri`, then adapter.json last (its presence = complete)."""
+def _write_artifact(checkpoint: Any, uri: str, storage: Storage,
+                    info_fields: dict[str, Any]) -> tuple[AdapterInfo, dict[str, Any]]:
+    """Copy the final checkpoint's adapter files to `uri`, then adapter.json last (its presence = complete).
+
+    Returns the AdapterInfo and the checkpoint's progress record (loss history, per-window steps/s)."""
     with checkpoint.as_directory() as folder:
         with open(os.path.join(folder, PROGRESS_FILE)) as fh:
             progress = json.load(fh)
@@ -315,7 +338,7 @@ def _write_artifact(checkpoint: Any, uri: str, storage: Storage, info_fields: di
     info = AdapterInfo(**info_fields, **progress["files"], steps=int(progress["step"]), uri=uri,
                        final_loss=history[-1][1] if history else None, loss_history=history)
     write_adapter_info(uri, info, storage)
-    return info
+    return info, progress
 
 
 def _versions() -> dict[str, str]:
@@ -397,7 +420,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     resumed_from = int(metrics.get("resumed_from_step") or 0)
     if resumed_from:
         log.info("training resumed from checkpoint at step %d after a failure", resumed_from)
-    info = _write_artifact(result.checkpoint, out, storage, {
+    info, progress = _write_artifact(result.checkpoint, out, storage, {
         "strategy": ft.strategy, "base_model": config.model.base, "base_model_hash": base_hash,
         "class_names": list(ds.class_names), "metaclass": ds.metaclass,
         "tokens": placeholder_tokens(ds.class_names) if trains_embeddings(ft.strategy) else [],
@@ -405,7 +428,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "config_hash": key, "dataset_fingerprint": fingerprint, "versions": _versions()})
     summary = _summary(info, reused=False, resumed_from_step=resumed_from, device="GPU" if use_gpu else "CPU",
                        steps_per_s=metrics.get("run_steps_per_s"),
-                       steady_steps_per_s=metrics.get("steady_steps_per_s"), elapsed_s=round(time.perf_counter() - t0, 2),
+                       steady_steps_per_s=metrics.get("steady_steps_per_s"),
+                       window_steps_per_s=progress.get("rates", []), elapsed_s=round(time.perf_counter() - t0, 2),
                        checkpoints=redact(join(ray_uri, name)))
     log.info("finetune done: %d steps, final loss %s; adapter artifact at %s", info.steps,
              f"{info.final_loss:.4f}" if info.final_loss is not None else "n/a", redact(out))
@@ -413,4 +437,4 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
 
 __all__ = ["FinetuneError", "artifact_uri", "balanced_rates", "balanced_repeat", "build_dataset", "preprocess",
-           "random_crop_flip", "run", "run_key", "train_loop", "validate_inputs"]
+           "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]

@@ -57,8 +57,9 @@ def build_sd15_shaped(folder: str, extra_words: list[str]) -> str:
     return folder
 
 
-def plain_loop(config: ExperimentConfig, base: str, device: str, steps: int, warmup: int) -> float:
-    """Steps/s of a single-process loop: same Personalizer, preprocessing and per-step seeds as a Ray worker."""
+def plain_loop(config: ExperimentConfig, base: str, device: str, windows: int, window: int) -> list[float]:
+    """Steps/s per window of a single-process loop: same Personalizer, preprocessing and per-step seeds as a
+    Ray worker. The first window is warm-up and not returned."""
     import torch
 
     from engine.models.personalize import PersonalizeSpec, Personalizer
@@ -71,44 +72,55 @@ def plain_loop(config: ExperimentConfig, base: str, device: str, steps: int, war
     images = np.array(ds.train.column("image").to_pylist(), dtype=object)
     labels = ds.train.column("label").to_numpy()
     order = np.random.default_rng(config.run.seed).permutation(len(labels))
-    pos, t0 = 0, time.perf_counter()
-    for step in range(warmup + steps):
-        if step == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    pos, rates, t0 = 0, [], time.perf_counter()
+    for step in range(1, (windows + 1) * window + 1):
         if pos + ft.batch_size > len(order):
             order, pos = np.random.default_rng(step).permutation(len(labels)), 0
         idx = order[pos:pos + ft.batch_size]
         pos += ft.batch_size
         batch = preprocess({"image": images[idx], "label": labels[idx]}, ft.resolution, ft.random_flip)
         p.step(torch.from_numpy(batch["pixels"]), torch.from_numpy(batch["label"]),
-               p.generator(step_seed(config.run.seed, 0, step)))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0)
+               p.generator(step_seed(config.run.seed, 0, step - 1)))  # step() syncs: it returns the loss
+        if step % window == 0:
+            now = time.perf_counter()
+            rates.append(window / (now - t0))
+            t0 = now
+    return rates[1:]
 
 
-def _case(out: str, base_spec: str, cache: str, resolution: int, steps: int, warmup: int, gpu: bool,
-          threads: int) -> tuple[float, float]:
-    """(plain steps/s, Ray steps/s) for one model/resolution; warm-up = the first log window."""
+def _case(out: str, base_spec: str, cache: str, resolution: int, windows: int, window: int, gpu: bool,
+          threads: int) -> tuple[list[float], list[float]]:
+    """Per-window steps/s (plain, Ray) for one model/resolution, the warm-up window dropped from both."""
+    import torch
+
     config = load_config(None, [
         f"run.output={out}", f"run.name=bench-{'gpu' if gpu else 'cpu'}", f"model.base={base_spec}",
         f"model.cache_dir={cache}", f"model.resolution={resolution}", "dataset.image_size=32",
         f"finetune.resolution={resolution}", "finetune.batch_size=8", "finetune.num_workers=1",
-        f"finetune.steps={warmup + steps}", f"finetune.log_every={warmup}", f"finetune.checkpoint_every={warmup + steps}",
-        f"finetune.use_gpu={str(gpu).lower()}", f"finetune.cpus_per_worker={threads}", "finetune.mixed_precision=fp16",
+        f"finetune.steps={(windows + 1) * window}", f"finetune.log_every={window}",
+        f"finetune.checkpoint_every={(windows + 1) * window}", f"finetune.use_gpu={str(gpu).lower()}",
+        f"finetune.cpus_per_worker={threads}", "finetune.mixed_precision=fp16",
     ])
     ds = load_dataset(config)
     base = resolve_model(base_spec, cache, kind="sd", resolution=resolution, extra_words=[*ds.class_names, ds.metaclass])
-    import torch
-
     torch.set_num_threads(threads)
-    plain = plain_loop(config, base, "cuda" if gpu else "cpu", steps, warmup)
+    plain = plain_loop(config, base, "cuda" if gpu else "cpu", windows, window)
     if gpu:
         torch.cuda.empty_cache()  # hand the plain loop's cached blocks back before the Ray worker loads its copy
     summary = run_finetune(config)
-    return plain, float(summary["steady_steps_per_s"])
+    return plain, [float(r) for r in summary["window_steps_per_s"][1:]]
+
+
+def _rows(case: str, plain: list[float], ray_rates: list[float], device: str) -> list[Row]:
+    """Best window of each (this box is shared: contention only ever slows a window down)."""
+    best_plain, best_ray = max(plain), max(ray_rates)
+    log.info("%s: plain windows %s, Ray windows %s steps/s", case, [round(r, 2) for r in plain],
+             [round(r, 2) for r in ray_rates])
+    ratio = best_ray / best_plain
+    return [Row("finetune", f"plain loop: {case}", best_plain, "steps/s", device=device),
+            Row("finetune", f"Ray Train loop (1 worker, Ray Data input): {case}", best_ray, "steps/s",
+                baseline="plain loop", ratio=ratio, target=f">= {TARGET_RATIO:.2f}x", ok=ratio >= TARGET_RATIO,
+                device=device)]
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -116,30 +128,20 @@ def run(args: argparse.Namespace) -> list[Row]:
     import torch
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local cluster below is this process's own
-    threads = max(1, min(2, os.cpu_count() or 1))
+    threads = 1  # one torch thread on each side: a second thread on a shared 2-core box only adds noise
     if not ray.is_initialized():
-        ray.init(num_cpus=threads + 2, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=max(3, min(os.cpu_count() or 1, 8)), log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="diffmix-bench-ft-") as tmp:
         cache = os.path.join(tmp, "cache")
-        plain, ray_sps = _case(tmp, "tiny", cache, 32, steps=60, warmup=20, gpu=False, threads=threads)
-        case = f"ti+db, tiny SD 32px, batch 8, {threads} threads"
-        rows.append(Row("finetune", f"plain loop: {case}", plain, "steps/s"))
-        rows.append(Row("finetune", f"Ray Train loop (1 worker, Ray Data input): {case}", ray_sps, "steps/s",
-                        baseline="plain loop", ratio=ray_sps / plain, target=f">= {TARGET_RATIO:.2f}x",
-                        ok=ray_sps / plain >= TARGET_RATIO))
+        plain, ray_rates = _case(tmp, "tiny", cache, 32, windows=5, window=20, gpu=False, threads=threads)
+        rows += _rows("ti+db, tiny SD 32px, batch 8, 1 thread, best of 5x20 steps", plain, ray_rates, "cpu")
         if getattr(args, "gpu", False) and torch.cuda.is_available():
-            card = torch.cuda.get_device_name(0)
             from engine.data.builtin import CLASS_NAMES, METACLASS
 
             base = build_sd15_shaped(os.path.join(tmp, "sd15-shaped"), [*CLASS_NAMES, METACLASS])
-            plain, ray_sps = _case(tmp, base, cache, 512, steps=40, warmup=10, gpu=True, threads=threads)
-            case = "ti+db, SD-1.5-shaped UNet (random), fp16, 512px, batch 8"
-            rows.append(Row("finetune", f"plain loop: {case}", plain, "steps/s", device=card))
-            rows.append(Row("finetune", f"Ray Train loop (1 GPU worker): {case}", ray_sps, "steps/s",
-                            baseline="plain loop", ratio=ray_sps / plain, target=f">= {TARGET_RATIO:.2f}x",
-                            ok=ray_sps / plain >= TARGET_RATIO, device=card))
-    for row in rows:
-        log.info("%s: %.3g %s", row.case, row.value, row.unit)
+            plain, ray_rates = _case(tmp, base, cache, 512, windows=4, window=10, gpu=True, threads=threads)
+            rows += _rows("ti+db, SD-1.5-shaped UNet (random), fp16, 512px, batch 8, best of 4x10 steps", plain,
+                          ray_rates, torch.cuda.get_device_name(0))
     return rows
