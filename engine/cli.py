@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "synthesize": "engine.synthesis:run",
     "classify": "engine.classify.train:run",
     "sweep": "engine.pipeline:sweep",
+    "pipeline": "engine.pipeline:run",
 }
 
 

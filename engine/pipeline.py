@@ -5,13 +5,15 @@ stage's public `run(config)` as registered in `engine.cli.STAGES`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
 import types
 from typing import Any
 
 from engine.cli import STAGES, resolve_stage
-from engine.config import ExperimentConfig
-from engine.storage import redact
+from engine.config import ExperimentConfig, validate
+from engine.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +41,46 @@ def sweep(config: ExperimentConfig) -> dict[str, Any]:
     from engine.classify.tune import run_sweep
 
     return run_sweep(config, ensure_synthetic=ensure_synthetic)
+
+
+def _stage(name: str) -> Any:
+    stage: Any = resolve_stage(name)
+    return stage.run if isinstance(stage, types.ModuleType) else stage  # see ensure_synthetic
+
+
+def _timed(name: str, config: ExperimentConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    summary = dict(_stage(name)(config))
+    summary["stage_elapsed_s"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def with_overrides(config: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy of `config` with some section fields replaced (e.g. synthesis={"adapter": uri})."""
+    data = config.model_dump(mode="json")
+    for section, fields in sections.items():
+        data[section].update(fields)
+    return validate(data)
+
+
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """`diffmix pipeline`: finetune -> synthesize (+filter) -> classify for one config.
+
+    Each stage reuses what a finished run of the same config left (the fine-tune artifact by its run
+    key, synthetic rows by plan hash and index), so rerunning after a crash continues where it stopped.
+    """
+    storage = Storage.from_config(config)
+    summary: dict[str, Any] = {"run": redact(config.run.uri), "config_hash": config.hash()}
+    if config.synthesis.strategy.startswith("diff-"):
+        summary["finetune"] = _timed("finetune", config)
+        if config.synthesis.adapter is None:
+            config = with_overrides(config, synthesis={"adapter": summary["finetune"]["artifact"]})
+    summary["synthesize"] = _timed("synthesize", config)
+    output = summary["synthesize"]["output"]
+    summary["classify"] = _timed("classify", with_overrides(config, classify={"synthetic": output}))
+    path = join(config.run.uri, "pipeline.json")
+    storage.write_text(path, json.dumps(summary, indent=2, default=str))
+    log.info("pipeline done: adapter %s, synthetic set %s, classifier metrics %s; summary %s",
+             summary.get("finetune", {}).get("artifact", "-"), redact(output),
+             summary["classify"].get("metrics_uri", summary["classify"].get("output", "-")), redact(path))
+    return summary
