@@ -234,6 +234,7 @@ class ClassifyConfig(Section):
     eval_crop: float = Field(default=0.875, gt=0, le=1, description="Eval: resize to resolution/eval_crop, center crop")
     data_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data decode/augment task")
     prefetch_batches: int = Field(default=2, ge=0)
+    rows_per_task: int = Field(default=64, ge=1, description="Images per Ray Data decode task (raise for small images)")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in the run folder")
 
     @field_validator("strengths")
@@ -320,6 +321,15 @@ class SweepConfig(Section):
         return v
 
 
+class DemoConfig(Section):
+    """The built-in demo's comparison: which methods to train, over which seeds, and the report."""
+
+    methods: list[Literal["real-only", "real-aug", "real-mix", "diff-aug", "diff-mix", "diff-gen"]] = Field(
+        default_factory=lambda: ["real-only", "diff-aug", "diff-mix", "diff-gen"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    report_pairs: int = Field(default=4, ge=1, le=20, description="Class pairs in the translation grid")
+
+
 class ExperimentConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -329,6 +339,7 @@ class ExperimentConfig(Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none): names outputs that depend on them."""

@@ -48,7 +48,8 @@ def _stage(name: str) -> Any:
     return stage.run if isinstance(stage, types.ModuleType) else stage  # see ensure_synthetic
 
 
-def _timed(name: str, config: ExperimentConfig) -> dict[str, Any]:
+def run_stage(name: str, config: ExperimentConfig) -> dict[str, Any]:
+    """One stage's `run(config)`, with its wall time added to the summary as `stage_elapsed_s`."""
     t0 = time.perf_counter()
     summary = dict(_stage(name)(config))
     summary["stage_elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -72,12 +73,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     storage = Storage.from_config(config)
     summary: dict[str, Any] = {"run": redact(config.run.uri), "config_hash": config.hash()}
     if config.synthesis.strategy.startswith("diff-"):
-        summary["finetune"] = _timed("finetune", config)
+        summary["finetune"] = run_stage("finetune", config)
         if config.synthesis.adapter is None:
             config = with_overrides(config, synthesis={"adapter": summary["finetune"]["artifact"]})
-    summary["synthesize"] = _timed("synthesize", config)
+    summary["synthesize"] = run_stage("synthesize", config)
     output = summary["synthesize"]["output"]
-    summary["classify"] = _timed("classify", with_overrides(config, classify={"synthetic": output}))
+    summary["classify"] = run_stage("classify", with_overrides(config, classify={"synthetic": output}))
     path = join(config.run.uri, "pipeline.json")
     storage.write_text(path, json.dumps(summary, indent=2, default=str))
     log.info("pipeline done: adapter %s, synthetic set %s, classifier metrics %s; summary %s",

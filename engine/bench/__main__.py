@@ -12,6 +12,7 @@ from engine.bench.table import Row, format_table
 
 # name -> module exposing run(args) -> list[Row]; stages add theirs here
 BENCHMARKS: dict[str, str] = {
+    "classify": "engine.bench.classify",
     "finetune": "engine.bench.finetune",
     "synthesis": "engine.bench.synthesis",
 }

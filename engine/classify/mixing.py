@@ -225,12 +225,20 @@ def synthetic_batch(batch: pa.Table, selected_index: np.ndarray, counts: np.ndar
     return {"x": x, "y": y.astype(np.float32), "index": rows.column("index").to_numpy().astype(np.int64)}
 
 
-def read_shards(files: list[str], storage: Storage, wanted: np.ndarray) -> pa.Table:
-    """The rows of `files` whose plan index is in `wanted`, fetched from storage (no local copy)."""
+def read_shards(files: list[str], storage: Storage, wanted: np.ndarray, max_parallel: int = 8) -> pa.Table:
+    """The rows of `files` whose plan index is in `wanted`, fetched from storage (no local copy).
+
+    Files are fetched concurrently: on object storage each is one GET, and their latency, not
+    bandwidth, is what a task waits for.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     value_set = pa.array(wanted, type=pa.int64())
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(files)))) as pool:
+        blobs = list(pool.map(storage.read_bytes, files))
     parts = []
-    for uri in files:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=_SYNTHETIC_COLUMNS)
+    for blob in blobs:
+        table = pq.read_table(io.BytesIO(blob), columns=_SYNTHETIC_COLUMNS)
         parts.append(table.filter(pc.is_in(table.column("index"), value_set=value_set)))
     return pa.concat_tables(parts)
 
@@ -241,17 +249,24 @@ _WORK_SCHEMA = pa.schema([("blocks", pa.list_(pa.int64())), ("files", pa.list_(p
 def load_work(items: pa.Table, blocks: list[Any], real_counts: np.ndarray, storage: Storage,
               selected_index: np.ndarray, synthetic_counts: np.ndarray,
               settings: StreamSettings) -> dict[str, np.ndarray]:
-    """One task: real blocks (from the object store) and shard files (from storage), decoded and labelled."""
+    """One task: real blocks (from the object store) and shard files (from storage), decoded and labelled.
+
+    The shard GETs start first and run while the real block decodes, so their latency is hidden.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
 
-    outs = []
     wanted = selected_index[synthetic_counts > 0] if len(selected_index) else np.zeros(0, np.int64)
-    for block_ids, files in zip(items.column("blocks").to_pylist(), items.column("files").to_pylist()):
-        for b in block_ids:
-            outs.append(real_batch(ray.get(blocks[b]), real_counts, settings))
-        if files:
-            outs.append(synthetic_batch(read_shards(files, storage, wanted), selected_index, synthetic_counts,
-                                        settings))
+    work = list(zip(items.column("blocks").to_pylist(), items.column("files").to_pylist()))
+    outs = []
+    with ThreadPoolExecutor(max_workers=1) as fetcher:
+        fetches = [fetcher.submit(read_shards, files, storage, wanted) if files else None for _, files in work]
+        for (block_ids, _), fetch in zip(work, fetches):
+            for b in block_ids:
+                outs.append(real_batch(ray.get(blocks[b]), real_counts, settings))
+            if fetch is not None:
+                outs.append(synthetic_batch(fetch.result(), selected_index, synthetic_counts, settings))
     outs = [o for o in outs if len(o["x"])]
     if not outs:
         return _empty(settings.resolution, settings.num_classes)
@@ -270,22 +285,22 @@ def eval_batch(batch: pa.Table, rank: int, world: int, group_ids: list[int], res
 
 
 # --- the datasets ------------------------------------------------------------------------------
-def synthetic_groups(selection: SyntheticSelection, share: WorkerShare, rows_per_task: int,
+def synthetic_groups(selection: SyntheticSelection, share: WorkerShare, num_groups: int,
                      rng: np.random.Generator) -> list[list[str]]:
-    """The shard files holding this share's drawn rows, packed into groups of about `rows_per_task` rows."""
+    """The shard files holding this share's drawn rows, in a fresh random order, dealt into at most
+    `num_groups` groups of about equal drawn-row counts."""
     drawn = np.flatnonzero(share.synthetic_counts)
     if drawn.size == 0:
         return []
     per_file = np.bincount(selection.file_pos[drawn], weights=share.synthetic_counts[drawn],
                            minlength=len(selection.files))
-    groups: list[list[str]] = []
-    load = 0.0
-    for f in rng.permutation(np.flatnonzero(per_file)):
-        if not groups or load >= rows_per_task:
-            groups.append([])
-            load = 0.0
-        groups[-1].append(selection.files[int(f)])
-        load += per_file[f]
+    files = rng.permutation(np.flatnonzero(per_file))
+    groups: list[list[str]] = [[] for _ in range(max(1, min(num_groups, len(files))))]
+    load = np.zeros(len(groups))
+    for f in files:  # greedy: each file to the group with the fewest drawn rows so far
+        g = int(np.argmin(load))
+        groups[g].append(selection.files[int(f)])
+        load[g] += per_file[f]
     return groups
 
 
@@ -294,8 +309,9 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     """One Ray Dataset for this worker's epoch, one operator: each task decodes one real block (from the
     object store) and, when there are synthetic draws, one group of shard files (from storage).
 
-    Pairing the synthetic reads with the real blocks keeps the task count of a p = 0 epoch (task
-    overhead dominates small images) and mixes both kinds in every task's output. A `read_parquet`
+    Spreading the synthetic reads over the real blocks' tasks keeps the task count of a p = 0 epoch
+    (task overhead dominates small images), spreads the GET latency, and mixes both kinds in every
+    task's output. A `read_parquet`
     stream would cost seconds of per-epoch listing and planning on top.
     Rows come out as x (uint8 NHWC), y (soft targets) and index (plan index; -1 for real rows).
     """
@@ -304,7 +320,8 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     check_gamma(settings.gamma)
     real = [i for i, b in enumerate(blocks) if share.real_counts[b.start:b.end].any()]
     real = [real[i] for i in rng.permutation(len(real))]
-    groups = synthetic_groups(selection, share, settings.rows_per_task, rng)
+    drawn_rows = int(share.synthetic_counts.sum())
+    groups = synthetic_groups(selection, share, max(len(real), -(-drawn_rows // settings.rows_per_task)), rng)
     tasks = max(len(real), len(groups))
     tables = [pa.table({"blocks": [real[t:t + 1]], "files": [groups[t] if t < len(groups) else []]},
                        schema=_WORK_SCHEMA) for t in range(tasks)]

@@ -59,8 +59,11 @@ class Inputs:
     long_tail: bool = False
 
 
-def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_block: int = 64) -> Inputs:
-    """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store."""
+def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_block: int | None = None) -> Inputs:
+    """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store.
+
+    A block is one decode task's worth of real rows (`classify.rows_per_task` unless given)."""
+    rows_per_block = rows_per_block or config.classify.rows_per_task
     rng = np.random.default_rng([config.run.seed, 0x7A1])
     train = dataset.train.take(rng.permutation(dataset.train.num_rows))
     groups = sorted({g for g in dataset.test.column("group").to_pylist() if g is not None})
@@ -225,7 +228,7 @@ def _evaluate(model, inputs: Inputs, cfg, rank: int, world: int, device, batch_s
 
     counts = EvalCounts.zeros(len(inputs.class_names), len(inputs.group_ids))
     ds = eval_dataset(inputs.test_blocks, rank, world, inputs.group_ids, cfg.resolution, cfg.eval_crop,
-                      cfg.data_cpus)
+                      cfg.data_cpus, cfg.rows_per_task)
     model.eval()
     with torch.no_grad():
         for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
@@ -296,7 +299,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             return
 
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
-                              hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus)
+                              hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
+                              rows_per_task=cfg.rows_per_task)
     mix_rng = np.random.default_rng([config.run.seed, rank, start_epoch, 0xC0C])
     throughput: list[float] = []
     last_eval: dict[str, float] = {}

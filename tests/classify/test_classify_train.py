@@ -1,0 +1,70 @@
+"""The classifier stage end to end on the session's Ray cluster: a short run on the built-in digits
+(real + synthetic shards) beats chance, and a run whose worker fails resumes from its checkpoint."""
+import json
+
+import pytest
+
+from engine.classify.train import fit, prepare_inputs, run
+from engine.cli import resolve_stage
+from engine.config import load_config
+from engine.data import load_dataset
+from engine.data.shards import ShardError
+from engine.storage import Storage
+from engine.testing.synthetic import write_synthetic_set
+
+FAST = ["classify.backbone=small_cnn", "classify.resolution=32", "classify.batch_size=32",
+        "classify.cpus_per_worker=0.5", "classify.crop_scale_min=0.6", "classify.hflip=false",
+        "classify.learning_rate=0.05", "classify.warmup_epochs=1", "classify.rows_per_task=256"]
+
+
+def test_short_run_beats_chance(ray_session, tmp_path):
+    base = load_config(None, [f"run.output={tmp_path}"])
+    digits = load_dataset(base)
+    syn = str(tmp_path / "syn")
+    write_synthetic_set(syn, Storage(), digits.class_names, digits.train.column("image").to_pylist(),
+                        digits.train.column("label").to_pylist(), num_rows=600, rows_per_file=50,
+                        clip_threshold=0.1)
+    config = load_config(None, [f"run.output={tmp_path}", *FAST, "classify.epochs=3", "classify.eval_every=3",
+                                "classify.p=0.3", f"classify.synthetic={syn}"])
+    summary = run(config)
+    metrics = summary["metrics"]
+    assert metrics["epoch"] == 3 and metrics["train_rows"] == digits.train.num_rows
+    assert 0.15 * digits.train.num_rows < metrics["synthetic_rows"] < 0.45 * digits.train.num_rows
+    assert metrics["top1"] > 0.3, metrics                                # chance is 0.1
+    on_disk = json.loads((tmp_path / "run" / "classify").joinpath(
+        summary["output"].rsplit("/", 1)[-1], "metrics.json").read_text())
+    assert on_disk["metrics"]["top1"] == metrics["top1"] and on_disk["synthetic"] == syn
+    assert resolve_stage("classify") is run
+
+
+def test_resume_after_injected_worker_failure(ray_session, tmp_path):
+    """Long-tail subset, so the many/medium/few metrics come out of the same run."""
+    config = load_config(None, [f"run.output={tmp_path}", *FAST, "classify.epochs=3", "classify.p=0",
+                                "classify.fail_at_epoch=2", "classify.max_failures=1",
+                                "dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=10",
+                                "classify.many_shot_threshold=60", "classify.few_shot_threshold=20"])
+    inputs = prepare_inputs(config, load_dataset(config))
+    out = str(tmp_path / "resume")
+    summary = fit(config, inputs, output=out)
+    metrics = summary["metrics"]
+    assert (tmp_path / "resume" / ".fail_at_epoch_2").exists()          # the failure did happen
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epoch"] == 3  # and training continued from epoch 1
+    assert {"acc_many", "acc_medium", "acc_few", "top1"} <= set(metrics)
+    # a rerun of the finished run resumes from its last checkpoint and trains nothing
+    checkpoints = sorted(p.name for p in (tmp_path / "resume" / "train").glob("checkpoint_*"))
+    again = fit(config, inputs, output=out)["metrics"]
+    assert again["epoch"] == 3 and again["top1"] == metrics["top1"]
+    assert sorted(p.name for p in (tmp_path / "resume" / "train").glob("checkpoint_*")) == checkpoints
+
+
+def test_run_rejects_a_synthetic_set_with_other_classes(ray_session, tmp_path):
+    syn = str(tmp_path / "syn")
+    write_synthetic_set(syn, Storage(), [f"bird{i}" for i in range(10)], [b"x"], [0], num_rows=4)
+    config = load_config(None, [f"run.output={tmp_path}", *FAST, "classify.p=0.2", f"classify.synthetic={syn}",
+                                "dataset.subset.kind=few_shot", "dataset.subset.shots=2"])
+    with pytest.raises(ShardError, match=r"bird0.*zero|zero.*bird0"):
+        run(config)
+    missing = load_config(None, [f"run.output={tmp_path / 'empty'}", *FAST, "classify.p=0.2",
+                                 "dataset.subset.kind=few_shot", "dataset.subset.shots=2"])
+    with pytest.raises(ShardError, match="set classify.synthetic"):
+        run(missing)
