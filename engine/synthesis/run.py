@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -148,12 +149,63 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
 
 # --- the stream --------------------------------------------------------------------------------
 
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
+def resource_needs(config: ExperimentConfig) -> dict[str, float]:
+    """The least the stream must hold at once: the minimum Translator pool, one scorer, one task per CPU stage."""
+    syn = config.synthesis
+    return {
+        "CPU": syn.min_actors * syn.cpus_per_actor + syn.cpus_per_actor + 2 * syn.cpus_per_task,
+        "GPU": syn.min_actors * syn.num_gpus_per_actor + syn.clip_num_gpus,
+    }
+
+
+def joins_cluster() -> bool:
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_local_gpus(config: ExperimentConfig) -> None:
+    """Before anything is written: a local run asking for more GPUs than the machine has fails now."""
+    needs = resource_needs(config)
+    if needs["GPU"] <= 0 or joins_cluster():
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if needs["GPU"] > gpus:
+        raise SynthesisError(
+            f"synthesis needs {needs['GPU']:g} GPU(s) (synthesis.min_actors x num_gpus_per_actor + clip_num_gpus) "
+            f"but this machine has {gpus}: set synthesis.num_gpus_per_actor=0 and synthesis.clip_num_gpus=0 "
+            "to run on CPU, or join a GPU cluster (RAY_ADDRESS / ray job submit)"
+        )
+
+
+def ensure_ray(config: ExperimentConfig) -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one that fits the stream.
+
+    A local instance cannot grow, so one that lacks what the stream needs is an error here (the stream
+    would wait forever); a joined cluster may autoscale, so a shortfall there is only logged.
+    """
+    import ray
+
+    needs = resource_needs(config)
+    if joins_cluster():
+        if not ray.is_initialized():
+            ray.init()
+        have = ray.cluster_resources()
+        short = {k: v for k, v in needs.items() if v > have.get(k, 0.0) + 1e-9}
+        if short:
+            log.warning("the Ray cluster has %s now but synthesis needs at least %s: waiting for the autoscaler "
+                        "(lower synthesis.min_actors / cpus_per_actor / cpus_per_task / num_gpus_per_actor "
+                        "if none is coming)", {k: have.get(k, 0.0) for k in needs}, needs)
+        return
+    import torch
+
+    check_local_gpus(config)
+    gpus = torch.cuda.device_count()
+    cpus = max(os.cpu_count() or 1, math.ceil(needs["CPU"]))  # logical CPUs: the stages overlap on few cores
+    log.info("starting a local Ray instance (%d logical CPUs, %d GPUs)", cpus, gpus)
+    ray.init(num_cpus=cpus, num_gpus=gpus)
 
 
 class Progress:
@@ -191,7 +243,6 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
     import ray
     from ray.data import ActorPoolStrategy
 
-    ensure_ray()
     syn = job.config.synthesis
     size = syn.resolution
     gen = is_gen(syn.strategy)
@@ -245,7 +296,8 @@ def manifest_config(config: ExperimentConfig) -> dict[str, Any]:
     return {k: data[k] for k in ("run", "dataset", "model", "synthesis") if k in data}
 
 
-def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, written: int) -> dict[str, Any]:
+def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, written: int,
+           steady: float | None = None) -> dict[str, Any]:
     syn = job.config.synthesis
     files = sorted(files, key=lambda f: f.start)
     indices = check_exactly_once(files, job.total)
@@ -276,19 +328,24 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, 
         "elapsed_s": round(elapsed_s, 3),
         "stream_s": round(stream_s, 3),
         "images_per_s": round(written / stream_s, 4) if stream_s > 0 and written else None,
+        "steady_images_per_s": round(steady, 4) if steady else None,
     }
     write_manifest(job.storage, job.output, manifest)
     return manifest
 
 
-def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int, resumed: int) -> dict[str, Any]:
+def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int, resumed: int,
+            elapsed_s: float, injected_failures: int = 0) -> dict[str, Any]:
+    """What `diffmix synthesize` prints: this call's work, and the state of the set."""
     counts = manifest["counts"]
     return {
         "output": redact(job.output), "plan_hash": job.plan_hash, "planned": job.total, "rows": counts["rows"],
         "files": counts["files"], "kept": counts["kept"], "dropped": counts["dropped"],
         "clip_threshold": manifest["clip_threshold"], "written": written, "files_written": files_written,
         "resumed_rows": resumed, "skipped_references": counts["skipped_references"],
-        "elapsed_s": manifest["elapsed_s"] if written else 0.0, "images_per_s": manifest["images_per_s"] if written else None,
+        "elapsed_s": round(elapsed_s, 3), "images_per_s": manifest["images_per_s"] if written else None,
+        "steady_images_per_s": manifest.get("steady_images_per_s") if written else None,
+        "injected_actor_failures": injected_failures,
     }
 
 
@@ -310,26 +367,36 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     if (missing.size == 0 and manifest is not None and manifest.get("plan_hash") == job.plan_hash
             and manifest.get("filter_quantile") == syn.filter_quantile):
         log.info("synthesis: %s is complete (%d rows, plan %s): nothing to do", redact(job.output), job.total, job.plan_hash)
-        return summary(job, manifest, 0, 0, int(done.size))
+        return summary(job, manifest, 0, 0, int(done.size), time.perf_counter() - t0)
+    check_local_gpus(config)
     windows = make_windows(missing.tolist(), syn.rows_per_file)
     log.info("synthesis: plan %s, %d rows (%d committed, %d to generate in %d files) -> %s", job.plan_hash,
              job.total, done.size, missing.size, len(windows), redact(job.output))
     new: list[FileStats] = []
+    injected = 0
     t_stream = time.perf_counter()
+    first: tuple[float, int] | None = None
     if windows:
+        ensure_ray(config)
+        t_stream = time.perf_counter()
         marker = os.path.join(tempfile.gettempdir(), f"diffmix-fail-{uuid.uuid4().hex}") if syn.fail_actor_after else None
         progress = Progress(int(done.size), job.total, syn.log_every_s)
         for stats in stream(job, windows, marker):
             new.append(stats)
             progress.update(len(stats.index))
-        if marker and os.path.exists(marker):
+            if first is None:
+                first = (time.perf_counter(), len(stats.index))
+        if marker and os.path.exists(marker):  # the test hook fired: an actor died and Ray replaced it
+            injected = 1
             os.unlink(marker)
-    stream_s = time.perf_counter() - t_stream
+    t_end = time.perf_counter()
+    stream_s = t_end - t_stream
     written = int(sum(len(f.index) for f in new))
-    manifest = finish(job, committed + new, time.perf_counter() - t0, stream_s, written)
+    steady = (written - first[1]) / (t_end - first[0]) if first and len(new) > 1 and t_end > first[0] else None
+    manifest = finish(job, committed + new, t_end - t0, stream_s, written, steady)
     log.info("synthesis: %d rows in %d files, CLIP threshold %s keeps %d; %s", job.total, len(committed) + len(new),
              manifest["clip_threshold"], manifest["counts"]["kept"], redact(job.output))
-    return summary(job, manifest, written, len(new), int(done.size))
+    return summary(job, manifest, written, len(new), int(done.size), time.perf_counter() - t0, injected)
 
 
 __all__ = ["Job", "PLAN_FILE", "adapter_uri", "prepare", "run", "stream"]

@@ -75,6 +75,28 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(images, nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def tensor_to_uint8(images: "torch.Tensor") -> np.ndarray:
+    """(n, 3, H, W) in [0, 1] on any device -> (n, H, W, 3) uint8 numpy; converted on the device (4x less to copy)."""
+    import torch
+
+    out = torch.nan_to_num(images.float(), nan=0.0).mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def encode_references(pipe: Any, pixels: np.ndarray, gens: "list[torch.Generator]") -> "torch.Tensor":
+    """VAE latents of a batch of references in one encoder call, sampled with each row's own generator.
+
+    The stock img2img pipeline encodes a list-of-generators batch one image at a time; this is the same
+    computation (each generator's first draw is its latent sample, as there) at batch size n.
+    """
+    import torch
+
+    x = torch.from_numpy(pixels).to(pipe._execution_device).permute(0, 3, 1, 2)
+    x = x.to(pipe.vae.dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1], as the image processor does
+    dist = pipe.vae.encode(x).latent_dist
+    return dist.sample(generator=gens) * pipe.vae.config.scaling_factor
+
+
 def generators(seeds: Sequence[int]) -> "list[torch.Generator]":
     import torch
 
@@ -113,16 +135,16 @@ def translate_rows(pipes: Pipelines, rows: pa.Table, ref_pixels: np.ndarray | No
     prompts = rows.column("prompt").to_pylist()
     has_ref = [ref_pixels is not None] * n
     for chunk in sub_batches(strengths, has_ref, params.batch_size):
+        gens = generators([seeds[i] for i in chunk])
         common = dict(prompt=[prompts[i] for i in chunk], num_inference_steps=params.num_inference_steps,
-                      guidance_scale=params.guidance_scale, generator=generators([seeds[i] for i in chunk]),
-                      output_type="np")
+                      guidance_scale=params.guidance_scale, generator=gens, output_type="pt")
         with torch.inference_mode():
             if ref_pixels is None:
                 result = pipes.txt2img(height=size, width=size, **common)
             else:
-                image = torch.from_numpy(ref_pixels[chunk]).permute(0, 3, 1, 2).float().div_(255.0)
-                result = pipes.img2img(image=image, strength=float(strengths[chunk[0]]), **common)
-        out[chunk] = to_uint8(np.asarray(result.images))
+                latents = encode_references(pipes.img2img, ref_pixels[chunk], gens)
+                result = pipes.img2img(image=latents, strength=float(strengths[chunk[0]]), **common)
+            out[chunk] = tensor_to_uint8(result.images)
     return out
 
 

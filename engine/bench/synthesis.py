@@ -1,0 +1,189 @@
+"""Synthesis throughput and driver memory (`make bench`, `python -m engine.bench synthesis`).
+
+Same tiny model, plan, batch size and strengths for every contender, on this machine:
+
+* engine stream: `diffmix synthesize` end to end (Ray Data: references -> Translator -> ClipScorer -> sink),
+  in a fresh driver process with its own local Ray; images/s at steady state (after the first file) and
+  including actor start-up;
+* (a) naive loop: one pipeline call per image, as the reference implementation translates;
+* (b) bare batched loop: the engine's own translate + CLIP score + PNG/Parquet sink, one process, no Ray
+  (the cost of Ray is the gap to it); also the translate-only loop for reference. Each window is run twice
+  and its faster time kept: this machine is shared, and the baseline should be its best case.
+
+"Steady" is the stream's rate after its first file commits (actor start-up and the first window excluded);
+windows already in flight at that moment make it read up to about one window's worth high.
+
+Peak RSS of the driver process (`ru_maxrss`) is measured at multiplier 1 and 10: the driver holds plan
+metadata and one stats row per file, never images, so it should stay flat. `--gpu` adds the SD-1.5-sized
+case (engine.bench.synthesis_gpu) when CUDA is available.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from engine.bench.table import Row
+
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BATCH = 16
+STEPS = 25
+STRENGTHS = "[0.5, 0.7, 0.9]"
+NAIVE_ROWS = 32
+BARE_PASSES = 2
+
+
+def overrides(out: str, cache: str, multiplier: float) -> list[str]:
+    """The benchmark plan: built-in digits, 2 shots per class (20 train images), tiny SD at 32 px."""
+    return [
+        f"run.output={out}", f"model.cache_dir={cache}", "model.resolution=32",
+        "dataset.subset.kind=few_shot", "dataset.subset.shots=2",
+        "synthesis.strategy=real-mix", f"synthesis.multiplier={multiplier}", f"synthesis.strengths={STRENGTHS}",
+        f"synthesis.num_inference_steps={STEPS}", "synthesis.guidance_scale=7.5", "synthesis.resolution=32",
+        "synthesis.num_gpus_per_actor=0", f"synthesis.batch_size={BATCH}", f"synthesis.strength_run={BATCH}",
+        f"synthesis.rows_per_file={BATCH}", f"synthesis.clip_batch_size={BATCH}",
+        f"synthesis.cpu_threads={os.cpu_count() or 1}", "synthesis.log_every_s=10",
+    ]
+
+
+def driver_main(argv: list[str]) -> int:
+    """Child process: one synthesis run; prints its summary and the peak RSS of this driver."""
+    from engine.cli import setup_logging
+    from engine.config import load_config
+    from engine.synthesis import run as synthesize
+
+    setup_logging("WARNING")
+    summary = synthesize(load_config(None, argv))
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print("BENCH " + json.dumps(summary), flush=True)
+    return 0
+
+
+def run_driver(out: str, cache: str, multiplier: float) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.pop("RAY_ADDRESS", None)  # a fresh local Ray: the driver measured is this process alone
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cmd = [sys.executable, "-m", "engine.bench.synthesis", "--driver", *overrides(out, cache, multiplier)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"synthesis driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+def loops(out: str, cache: str, multiplier: float) -> dict[str, float]:
+    """(a) naive and (b) bare batched loops over the same plan, in this process, no Ray."""
+    import pyarrow as pa
+    import torch
+
+    from engine.config import load_config
+    from engine.data.images import to_array
+    from engine.data.shards import encode_table, part_name
+    from engine.storage import Storage, join
+    from engine.synthesis.run import prepare
+    from engine.synthesis.score import load_scorer
+    from engine.synthesis.sink import shard_table
+    from engine.synthesis.translate import TranslateParams, generators, load_pipelines, to_uint8, translate_rows
+    from engine.synthesis.windows import make_windows, pixels_to_column
+
+    config = load_config(None, overrides(out, cache, multiplier))
+    job = prepare(config)
+    syn = config.synthesis
+    storage = Storage()
+    pipes = load_pipelines(job.base, storage)
+    scorer = load_scorer(job.clip, storage, job.dataset.metaclass)
+    params = TranslateParams(syn.num_inference_steps, syn.guidance_scale, syn.resolution, syn.batch_size)
+    train_images = job.dataset.train.column("image")
+    refs = np.stack([to_array(train_images[int(p)].as_py(), syn.resolution)
+                     for p in job.plan.column("ref_pos").to_pylist()])
+    windows = make_windows(range(job.total), syn.rows_per_file)
+    log.info("bench: %d rows, torch threads %d", job.total, torch.get_num_threads())
+
+    # (a) naive: one image per pipeline call
+    plan = job.plan.to_pydict()
+    t = time.perf_counter()
+    for i in range(min(NAIVE_ROWS, job.total)):
+        with torch.inference_mode():
+            image = torch.from_numpy(refs[i: i + 1]).permute(0, 3, 1, 2).float().div_(255.0)
+            res = pipes.img2img(plan["prompt"][i], image=image, strength=plan["strength"][i],
+                                num_inference_steps=syn.num_inference_steps, guidance_scale=syn.guidance_scale,
+                                generator=generators([plan["seed"][i]]), output_type="np")
+        to_uint8(np.asarray(res.images))
+    naive = min(NAIVE_ROWS, job.total) / (time.perf_counter() - t)
+
+    # (b) bare batched: the engine's translate, then the same scoring and sink, without Ray. Two passes,
+    # each window's faster time kept: the machine is shared, so the baseline is its best case.
+    sink = os.path.join(out, "bare")
+    best_total = np.full(len(windows), np.inf)
+    best_translate = np.full(len(windows), np.inf)
+    for _ in range(BARE_PASSES):
+        for w, (start, end) in enumerate(windows):
+            rows = job.plan.slice(start, end - start)
+            t = time.perf_counter()
+            images = translate_rows(pipes, rows, refs[start:end], params)
+            t_tr = time.perf_counter()
+            scored = rows.append_column("pixels", pixels_to_column(images)).append_column(
+                "clip_score", pa.array(scorer(images, syn.clip_batch_size)))
+            storage.write_bytes(join(sink, part_name(start, end)), encode_table(shard_table(scored, syn.resolution)))
+            best_total[w] = min(best_total[w], time.perf_counter() - t)
+            best_translate[w] = min(best_translate[w], t_tr - t)
+    return {"naive": naive, "bare": job.total / best_total.sum(), "translate_only": job.total / best_translate.sum(),
+            "rows": job.total}
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    work = tempfile.mkdtemp(prefix="bench-synthesis-", dir=os.path.abspath(getattr(args, "out", "runs/bench")))
+    cache = os.path.join(work, "cache")
+    from engine.config import load_config
+    from engine.synthesis.run import prepare
+
+    prepare(load_config(None, overrides(work, cache, 1)))  # build the tiny models once, outside the measured drivers
+    base = loops(os.path.join(work, "loops"), cache, 10)
+    big = run_driver(os.path.join(work, "m10"), cache, 10)
+    small = run_driver(os.path.join(work, "m1"), cache, 1)
+    steady = big["steady_images_per_s"] or big["images_per_s"]
+    device = f"cpu x{os.cpu_count()} (load {os.getloadavg()[0]:.1f})"
+    rows = [
+        Row("synthesis", f"naive loop, 1 image/call ({NAIVE_ROWS} rows)", base["naive"], "images/s", device=device),
+        Row("synthesis", f"bare batched loop, no Ray (translate+score+sink, {base['rows']} rows)", base["bare"],
+            "images/s", device=device),
+        Row("synthesis", "bare batched translate only", base["translate_only"], "images/s", device=device),
+        Row("synthesis", f"engine stream, steady ({big['written']} rows, batch {BATCH})", steady, "images/s",
+            baseline="naive loop", ratio=steady / base["naive"], target=">= 4x", ok=steady / base["naive"] >= 4,
+            device=device),
+        Row("synthesis", "engine stream, steady", steady, "images/s", baseline="bare batched loop",
+            ratio=steady / base["bare"], target=">= 0.85x", ok=steady / base["bare"] >= 0.85, device=device),
+        Row("synthesis", "engine stream incl. Ray/actor start-up", big["images_per_s"], "images/s",
+            baseline="bare batched loop", ratio=big["images_per_s"] / base["bare"], device=device),
+        Row("synthesis", f"driver peak RSS, multiplier 1 ({small['planned']} rows)", small["peak_rss_mb"], "MB",
+            device=device),
+        Row("synthesis", f"driver peak RSS, multiplier 10 ({big['planned']} rows)", big["peak_rss_mb"], "MB",
+            baseline="multiplier 1", ratio=big["peak_rss_mb"] / small["peak_rss_mb"], target="<= 1.2x",
+            ok=big["peak_rss_mb"] / small["peak_rss_mb"] <= 1.2, device=device),
+    ]
+    if getattr(args, "gpu", False):
+        from engine.bench import synthesis_gpu
+
+        rows.extend(synthesis_gpu.run(args))
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--driver":
+        sys.exit(driver_main(sys.argv[2:]))
+    from engine.bench.table import format_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(format_table(run(argparse.Namespace(out="runs/bench", gpu="--gpu" in sys.argv))))

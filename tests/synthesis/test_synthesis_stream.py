@@ -1,0 +1,293 @@
+"""The whole stage on the session's Ray cluster: sink on disk and S3, determinism, resume after a killed
+driver, an actor dying mid-run, idempotent re-runs, plan-hash conflicts, the filter and bad inputs.
+
+Every run uses the tiny offline models at 32 px, T = 4, and the built-in digits at 2 shots per class
+(20 train images, multiplier 2: 40 rows in 10 files of 4), real-mix (no adapter needed).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.config import ExperimentConfig, load_config
+from engine.data import ImageDataset, encode_png, load_dataset
+from engine.data.builtin import CLASS_NAMES, METACLASS
+from engine.data.shards import MANIFEST, SyntheticSet, parse_part_name
+from engine.storage import Storage, join
+from engine.synthesis import run
+from engine.synthesis.manifest import PLAN_FILE, read_json
+from engine.synthesis.references import ReferenceImageError
+from engine.synthesis.run import prepare
+from engine.synthesis.sink import committed_files, read_shard
+from engine.synthesis.translate import SynthesisError
+
+REPO = Path(__file__).resolve().parents[2]
+S3_ACCESS_KEY = "diffmix-test-access"      # the values tests/conftest.py gives the SeaweedFS server
+S3_SECRET_KEY = "diffmix-test-secret-key"
+TOTAL, FILES = 40, 10
+
+
+def overrides(tiny_cache: Path, output: str, *extra: str) -> list[str]:
+    return [
+        f"run.output={output}", f"model.cache_dir={tiny_cache}", "model.resolution=32",
+        "dataset.subset.kind=few_shot", "dataset.subset.shots=2",
+        "synthesis.strategy=real-mix", "synthesis.multiplier=2", "synthesis.num_inference_steps=4",
+        "synthesis.resolution=32", "synthesis.num_gpus_per_actor=0", "synthesis.rows_per_file=4",
+        "synthesis.batch_size=4", "synthesis.strength_run=4", "synthesis.clip_batch_size=4",
+        "synthesis.log_every_s=2", *extra,
+    ]
+
+
+def config(tiny_cache: Path, output: str, *extra: str) -> ExperimentConfig:
+    return load_config(None, overrides(tiny_cache, output, *extra))
+
+
+def read_rows(storage: Storage, uri: str) -> pa.Table:
+    """Every committed row (with image bytes), sorted by plan index."""
+    tables = [read_shard(storage, f) for f in committed_files(storage, uri)]
+    table = pa.concat_tables(tables)
+    return table.sort_by("index")
+
+
+def output_of(summary: dict) -> str:
+    return summary["output"]
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, tiny_cache, tmp_path_factory):
+    """One uninterrupted run on local disk; other tests compare against its rows."""
+    out = tmp_path_factory.mktemp("baseline")
+    cfg = config(tiny_cache, str(out))
+    summary = run(cfg)
+    return cfg, summary, read_rows(Storage(), output_of(summary))
+
+
+def test_local_sink_files_and_manifest(baseline):
+    cfg, summary, rows = baseline
+    out = output_of(summary)
+    assert summary["written"] == TOTAL and summary["files_written"] == FILES and summary["rows"] == TOTAL
+    assert out.endswith("/synthetic/" + summary["plan_hash"])
+    names = sorted(os.listdir(out))
+    parts = [n for n in names if n.startswith("part-")]
+    assert names == sorted(parts + [MANIFEST, PLAN_FILE]) and len(parts) == FILES
+    assert [parse_part_name(p) for p in parts] == [(i, i + 4) for i in range(0, TOTAL, 4)]
+    manifest = read_json(Storage(), join(out, MANIFEST))
+    assert manifest["plan_hash"] == summary["plan_hash"] and manifest["counts"]["rows"] == TOTAL
+    assert manifest["counts"]["files"] == FILES == len(manifest["files"])
+    assert sum(f["rows"] for f in manifest["files"]) == TOTAL
+    assert {f["name"] for f in manifest["files"]} == set(parts)
+    assert all(f["bytes"] == os.path.getsize(os.path.join(out, f["name"])) for f in manifest["files"])
+    assert manifest["num_train"] == 20 and manifest["class_names"][0] == "zero"
+    assert {"torch", "diffusers", "ray", "python"} <= set(manifest["versions"])
+    assert "storage" not in manifest["config"] and manifest["config"]["synthesis"]["strategy"] == "real-mix"
+    assert manifest["images_per_s"] > 0 and manifest["elapsed_s"] > 0
+    # rows follow the shard contract
+    assert rows.column("index").to_pylist() == list(range(TOTAL))
+    assert set(rows.column("strength").to_pylist()) == {0.5, 0.7, 0.9}
+    assert all(p.startswith("photo of a ") and p.endswith(" digit") for p in rows.column("prompt").to_pylist())
+    assert rows.column("image")[0].as_py()[:4] == b"\x89PNG"
+
+
+def test_rerun_of_a_finished_job_writes_nothing(baseline, tiny_cache):
+    cfg, summary, _ = baseline
+    out = output_of(summary)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    again = run(cfg)
+    after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    assert again["written"] == 0 and again["files_written"] == 0 and again["resumed_rows"] == TOTAL
+    assert before == after
+
+
+@pytest.mark.s3
+def test_same_config_on_s3_gives_identical_rows(baseline, tiny_cache, s3_server, s3_bucket):
+    _, summary, rows = baseline
+    endpoint = s3_server["endpoint_url"]
+    options = f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
+    cfg = config(tiny_cache, f"{s3_bucket}/runs", options)
+    s3 = run(cfg)
+    assert s3["plan_hash"] == summary["plan_hash"] and s3["output"].startswith("s3://")
+    storage = Storage.from_config(cfg)
+    remote = read_rows(storage, s3["output"])
+    assert remote.equals(rows)  # identical rows, scores and image bytes
+    manifest = SyntheticSet.open(s3["output"], storage).manifest
+    listed = sorted(f.rsplit("/", 1)[-1] for f in committed_files(storage, s3["output"]))
+    assert listed == sorted(f["name"] for f in manifest["files"]) and len(listed) == FILES
+    assert manifest["counts"]["rows"] == TOTAL and "key" not in str(manifest["config"])
+
+
+def test_other_seed_differs_and_plan_conflicts_need_overwrite(baseline, tiny_cache, tmp_path):
+    cfg, summary, rows = baseline
+    folder = tmp_path / "set"
+    shutil.copytree(output_of(summary), folder)
+    other = config(tiny_cache, str(tmp_path), f"synthesis.output={folder}", "synthesis.seed=1")
+    with pytest.raises(SynthesisError, match="overwrite"):
+        run(other)
+    assert len(committed_files(Storage(), str(folder))) == FILES  # nothing touched
+    replaced = run(other.model_copy(update={"synthesis": other.synthesis.model_copy(update={"overwrite": True})}))
+    assert replaced["plan_hash"] != summary["plan_hash"] and replaced["written"] == TOTAL
+    new_rows = read_rows(Storage(), str(folder))
+    assert new_rows.num_rows == TOTAL
+    assert new_rows.column("seed").to_pylist() != rows.column("seed").to_pylist()
+    assert new_rows.column("image").to_pylist() != rows.column("image").to_pylist()
+    assert read_json(Storage(), str(folder / PLAN_FILE))["plan_hash"] == replaced["plan_hash"]
+
+
+def test_resume_after_the_driver_is_killed(baseline, tiny_cache, tmp_path, ray_session):
+    _, summary, rows = baseline
+    out = tmp_path / "resume"
+    args = [sys.executable, "jobs/synthesize.py", *overrides(tiny_cache, str(out))]
+    log_path = tmp_path / "driver.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    assert env.get("RAY_ADDRESS")  # the driver joins the session's cluster
+    folder = out / "run" / "synthetic" / summary["plan_hash"]
+    with open(log_path, "wb") as log_fh:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=log_fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not (folder.is_dir() and any(p.name.startswith("part-") for p in folder.iterdir())):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+    partial = len(committed_files(Storage(), str(folder)))
+    assert 0 < partial < FILES, f"driver killed after {partial} files"
+    assert not (folder / MANIFEST).exists()
+    resumed = run(config(tiny_cache, str(out)))
+    assert resumed["resumed_rows"] >= 4 * partial and resumed["written"] == TOTAL - resumed["resumed_rows"]
+    final = read_rows(Storage(), str(folder))
+    assert final.column("index").to_pylist() == list(range(TOTAL))  # no duplicate, none missing
+    assert final.equals(rows)
+
+
+def test_translator_dying_mid_run_is_replaced_and_rows_are_exact(baseline, tiny_cache, tmp_path):
+    _, _, rows = baseline
+    result = run(config(tiny_cache, str(tmp_path), "synthesis.fail_actor_after=3"))
+    assert result["injected_actor_failures"] == 1
+    assert result["written"] == TOTAL and result["files"] == FILES
+    final = read_rows(Storage(), result["output"])
+    assert final.column("index").to_pylist() == list(range(TOTAL))
+    assert final.equals(rows)
+
+
+def test_filter_threshold_and_reader(baseline):
+    _, summary, rows = baseline
+    synthetic = SyntheticSet.open(summary["output"])
+    threshold = synthetic.threshold
+    scores = np.array(rows.column("clip_score").to_pylist())
+    assert threshold is not None and summary["clip_threshold"] == threshold
+    kept = synthetic.read()
+    assert kept.num_rows == TOTAL - 4 == summary["kept"]  # floor(0.1 x 40) dropped
+    assert (scores < threshold).sum() == 4 and min(kept.column("clip_score").to_pylist()) >= threshold
+    assert synthetic.read(filtered=False).num_rows == TOTAL
+    only = synthetic.read(strengths=[0.5], filtered=False)
+    assert set(only.column("strength").to_pylist()) == {0.5} and 0 < only.num_rows < TOTAL
+    prefix = synthetic.read(multiplier=1, filtered=False)
+    assert prefix.column("index").to_pylist() == list(range(20))
+    with_images = synthetic.read(strengths=[0.7, 0.9], multiplier=1, with_images=True)
+    assert with_images.num_rows > 0 and with_images.column("image")[0].as_py()[:4] == b"\x89PNG"
+
+
+# --- diff-*: the fine-tuned adapter --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(tiny_cache, tmp_path_factory) -> str:
+    """A ti+db artifact for the 10 digit classes with random (valid) weights, written by the engine's writers."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from engine.models import resolve_model
+    from engine.models.adapters import (AdapterInfo, class_prompts, fingerprint_folder, lora_config_dict,
+                                        placeholder_tokens, save_embeddings, save_lora, write_adapter_info)
+
+    base = resolve_model("tiny", str(tiny_cache), kind="sd", resolution=32, extra_words=[*CLASS_NAMES, METACLASS])
+    folder = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(LoraConfig(**lora_config_dict(4)))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_lora(str(folder), get_peft_model_state_dict(unet), 4)
+    tokens = placeholder_tokens(CLASS_NAMES)
+    files = save_embeddings(str(folder), tokens, torch.randn(len(tokens), 32))
+    info = AdapterInfo(strategy="ti+db", base_model="tiny", base_model_hash=fingerprint_folder(base),
+                       class_names=list(CLASS_NAMES), metaclass=METACLASS, tokens=tokens,
+                       prompts=class_prompts("ti+db", CLASS_NAMES, METACLASS), lora_rank=4,
+                       lora_file="pytorch_lora_weights.safetensors", embedding_files=files, steps=1, final_loss=1.0,
+                       resolution=32, config_hash="test", dataset_fingerprint="test", uri=str(folder))
+    write_adapter_info(str(folder), info)
+    return str(folder)
+
+
+def test_diff_mix_translates_with_the_adapter(baseline, adapter, tiny_cache, tmp_path):
+    from engine.models.adapters import read_adapter_info
+
+    _, summary, real_rows = baseline
+    info = read_adapter_info(adapter)
+    cfg = config(tiny_cache, str(tmp_path), "synthesis.strategy=diff-mix", f"synthesis.adapter={adapter}")
+    result = run(cfg)
+    assert result["written"] == TOTAL and result["plan_hash"] != summary["plan_hash"]
+    rows = read_rows(Storage(), result["output"])
+    assert rows.column("strategy").to_pylist() == ["diff-mix"] * TOTAL
+    prompts, targets = rows.column("prompt").to_pylist(), rows.column("target_label").to_pylist()
+    assert all(p == info.prompts[t] and "<" in p for p, t in zip(prompts, targets))
+    # same pairs, strengths and seeds as real-mix (same plan seed): only the model and prompts differ
+    assert rows.column("ref_id").equals(real_rows.column("ref_id"))
+    assert rows.column("seed").equals(real_rows.column("seed"))
+    assert rows.column("image").to_pylist() != real_rows.column("image").to_pylist()
+    manifest = SyntheticSet.open(result["output"]).manifest
+    assert manifest["plan"]["identity"]["adapter"] is not None
+
+
+# --- bad inputs: all fail before any Ray work ----------------------------------------------------
+
+def test_missing_adapter_fails_before_ray(tiny_cache, tmp_path):
+    cfg = config(tiny_cache, str(tmp_path), "synthesis.strategy=diff-mix", f"synthesis.adapter={tmp_path / 'nope'}")
+    with pytest.raises(SynthesisError, match=f"no fine-tuned adapter at {tmp_path / 'nope'}.*real-\\*"):
+        run(cfg)
+    default = config(tiny_cache, str(tmp_path), "synthesis.strategy=diff-aug")
+    with pytest.raises(SynthesisError, match=str(tmp_path / "run" / "adapter")):
+        run(default)
+    assert not (tmp_path / "run" / "synthetic").exists()
+
+
+def test_bad_reference_image_is_named_or_skipped_and_counted(tiny_cache, tmp_path):
+    cfg = config(tiny_cache, str(tmp_path))
+    ds = load_dataset(cfg)
+    ids = ds.train.column("id").to_pylist()
+    images = ds.train.column("image").to_pylist()
+    images[3] = b"\x89PNG broken"
+    train = pa.table({"id": ids, "image": images, "label": ds.train.column("label"), "group": ds.train.column("group")},
+                     schema=ds.train.schema)
+    broken = ImageDataset(ds.class_names, ds.metaclass, train, ds.test, ds.name)
+    with pytest.raises(ReferenceImageError, match=ids[3]):
+        run(cfg, broken)
+    skipping = config(tiny_cache, str(tmp_path), "dataset.skip_bad_images=true")
+    job = prepare(skipping, broken)
+    assert job.skipped == [ids[3]] and ids[3] not in set(job.plan.column("ref_id").to_pylist())
+    assert job.plan.num_rows == TOTAL and job.spec.identity["skipped_references"] == [ids[3]]
+    assert job.plan_hash != prepare(skipping, ds).plan_hash
+    assert not (tmp_path / "run" / "synthetic").exists()
+
+
+def test_encode_png_roundtrip_of_generated_images(baseline):
+    from engine.data import to_array
+
+    _, _, rows = baseline
+    img = to_array(rows.column("image")[0].as_py())
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert encode_png(img)[:4] == b"\x89PNG"

@@ -1,0 +1,126 @@
+"""Translator, ClipScorer and sink pieces without Ray, on the tiny offline models (CPU, fp32)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from engine.data import encode_png
+from engine.data.shards import SHARD_SCHEMA
+from engine.storage import Storage
+from engine.synthesis.references import ReferenceImageError, attach_references, check_references
+from engine.synthesis.score import ClipScorer
+from engine.synthesis.sink import shard_table
+from engine.synthesis.translate import ModelRef, TranslateParams, Translator, sub_batches
+from engine.synthesis.windows import column_to_pixels
+
+SIZE = 32
+WORDS = ("zero", "one", "two", "digit")
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_cache: Path) -> ModelRef:
+    return ModelRef("tiny", str(tiny_cache), "sd", 0, SIZE, WORDS)
+
+
+def rows(strengths: list[float], seeds: list[int], with_ref: bool = True) -> pa.Table:
+    n = len(strengths)
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 256, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
+    table = pa.table({
+        "index": np.arange(n), "strategy": ["real-mix"] * n, "ref_pos": [0] * n, "ref_id": ["r"] * n,
+        "ref_label": [1] * n, "target_label": [2] * n, "strength": strengths, "seed": seeds,
+        "prompt": ["photo of a two digit"] * n,
+    })
+    col = pa.array([r.tobytes() for r in refs], type=pa.binary()) if with_ref else pa.nulls(n, type=pa.binary())
+    return table.append_column("ref_pixels", col)
+
+
+def translator(sd: ModelRef, steps: int = 4, batch: int = 4, guidance: float = 7.5) -> Translator:
+    return Translator(sd, Storage(), TranslateParams(steps, guidance, SIZE, batch))
+
+
+def unet_calls(t: Translator) -> list[int]:
+    calls: list[int] = []
+    t.pipes.img2img.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_output_size_values_and_determinism(sd):
+    t = translator(sd)
+    out = t.translate_window(0, 6, rows([0.5, 0.5, 0.9, 0.9, 0.5, 0.9], [1, 2, 3, 4, 5, 6]))
+    assert "ref_pixels" not in out.column_names and out.num_rows == 6
+    images = column_to_pixels(out.column("pixels"), SIZE)
+    assert images.shape == (6, SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert images.std() > 1.0  # not a constant image
+    again = column_to_pixels(t.translate_window(0, 6, rows([0.5, 0.5, 0.9, 0.9, 0.5, 0.9], [1, 2, 3, 4, 5, 6]))
+                             .column("pixels"), SIZE)
+    assert np.array_equal(images, again)
+    other = column_to_pixels(t.translate_window(0, 6, rows([0.5, 0.5, 0.9, 0.9, 0.5, 0.9], [9, 2, 3, 4, 5, 6]))
+                             .column("pixels"), SIZE)
+    assert not np.array_equal(images[0], other[0]) and np.array_equal(images[1:], other[1:])
+
+
+def test_half_strength_of_25_steps_runs_12_unet_steps(sd):
+    t = translator(sd, steps=25, batch=8)
+    calls = unet_calls(t)
+    t.translate_window(0, 2, rows([0.5, 0.5], [1, 2]))
+    assert len(calls) == 12 == int(25 * 0.5)
+    assert calls == [4] * 12  # one call per step: 2 rows x (cond + uncond) batched together
+    calls.clear()
+    t.translate_window(0, 3, rows([0.7, 0.9, 0.7], [1, 2, 3]))
+    assert len(calls) == int(25 * 0.7) + int(25 * 0.9)  # one pipeline call per strength group
+
+
+def test_batches_are_grouped_by_strength_and_cut_at_batch_size(sd):
+    groups = sub_batches([0.5, 0.9, 0.5, 0.5, 0.9, 0.5], [True] * 6, 2)
+    assert [g.tolist() for g in groups] == [[0, 2], [3, 5], [1, 4]]
+    t = translator(sd, steps=4, batch=2, guidance=1.0)  # no classifier-free guidance: batch = rows
+    calls = unet_calls(t)
+    t.translate_window(0, 6, rows([0.5, 0.9, 0.5, 0.5, 0.9, 0.5], [1, 2, 3, 4, 5, 6]))
+    assert calls == [2] * 2 + [2] * 2 + [2] * 3  # int(4*.5)=2 steps x 2 calls, then int(4*.9)=3 steps
+
+
+def test_gen_rows_run_text_to_image_for_all_steps(sd):
+    t = translator(sd, steps=5)
+    calls = unet_calls(t)
+    out = t.translate_window(0, 2, rows([1.0, 1.0], [1, 2], with_ref=False))
+    assert len(calls) == 5
+    assert column_to_pixels(out.column("pixels"), SIZE).shape == (2, SIZE, SIZE, 3)
+
+
+def test_clip_scores_are_probabilities_and_sink_table_follows_the_contract(tiny_cache):
+    clip = ModelRef("tiny", str(tiny_cache), "clip", 0, SIZE, WORDS)
+    scorer = ClipScorer(clip, Storage(), "digit", SIZE, batch_size=3)
+    window = rows([0.5] * 5, [1, 2, 3, 4, 5]).drop_columns(["ref_pixels"])
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, SIZE, SIZE, 3), dtype=np.uint8)
+    window = window.append_column("pixels", pa.array([p.tobytes() for p in pixels], type=pa.binary()))
+    scored = scorer.score_window(0, 5, window)
+    scores = np.array(scored.column("clip_score").to_pylist())
+    assert scores.shape == (5,) and ((scores > 0) & (scores < 1)).all()
+    assert np.allclose(scorer.score(pixels, 5), scores)  # batch size does not change a score
+    table = shard_table(scored, SIZE)
+    assert table.schema == SHARD_SCHEMA and table.num_rows == 5
+    assert table.column("image")[0].as_py()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_reference_images_are_named_or_counted():
+    good = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    train = pa.table({"id": ["a", "broken-b", "c"], "image": [good, b"not an image", good]})
+    with pytest.raises(ReferenceImageError, match="broken-b"):
+        check_references(train, skip=False)
+    usable, bad = check_references(train, skip=True)
+    assert usable.tolist() == [True, False, True] and bad == ["broken-b"]
+    window = pa.table({"ref_pos": [1], "ref_id": ["broken-b"]})
+    with pytest.raises(ReferenceImageError, match="broken-b"):
+        attach_references(window, train, SIZE)
+    ok = attach_references(pa.table({"ref_pos": [0, 2], "ref_id": ["a", "c"]}), train, SIZE)
+    assert column_to_pixels(ok.column("ref_pixels"), SIZE).shape == (2, SIZE, SIZE, 3)
+
+
+def test_translator_uses_cpu_fp32_here(sd):
+    t = translator(sd)
+    assert t.pipes.img2img.device.type == "cpu" and t.pipes.img2img.unet.dtype == torch.float32
