@@ -1,12 +1,12 @@
-"""Real + synthetic mixing: a seeded per-epoch replacement plan, and the Ray Data streams it drives.
+"""Real + synthetic mixing: a seeded per-epoch replacement plan, and the Ray Data stream it drives.
 
 Every epoch each real position is kept, or (with probability p) replaced by a synthetic row drawn
 uniformly from the selected, filtered synthetic rows; the epoch keeps the real set's length.
-The synthetic set's metadata is read once, without images (`SyntheticSelection`); each epoch
-then streams two Ray Datasets: the kept real rows (from blocks in the object store) and the
-drawn synthetic rows, read by Ray Data tasks from just the shard files that hold them (through
-the Storage's fsspec filesystem), filtered to the drawn plan indices. The loop takes from both so that every batch holds
-exactly the plan's real/synthetic mix. Nothing is copied to local disk; p = 0 reads no shard.
+The synthetic set's metadata is read once, without images (`SyntheticSelection`). Each epoch is
+one Ray Dataset whose tasks decode a block of kept real rows (already in the object store) and
+fetch, from storage through the Storage's fsspec filesystem, just the shard files holding drawn
+rows, keeping only the drawn plan indices. The loop routes real and synthetic rows so that every
+batch holds exactly the plan's mix. Nothing is copied to local disk; p = 0 reads no shard.
 """
 from __future__ import annotations
 
@@ -281,7 +281,8 @@ def eval_batch(batch: pa.Table, rank: int, world: int, group_ids: list[int], res
     lookup = {g: i for i, g in enumerate(group_ids)}
     groups = [lookup.get(g, -1) if g is not None else -1 for g in rows.column("group").to_pylist()]
     x = eval_images(rows.column("image").to_pylist(), resolution, crop, sources=rows.column("id").to_pylist())
-    return {"x": x, "label": rows.column("label").to_numpy().astype(np.int64), "group_pos": np.asarray(groups, np.int64)}
+    return {"x": x, "label": rows.column("label").to_numpy().astype(np.int64),
+            "group_pos": np.asarray(groups, np.int64)}
 
 
 # --- the datasets ------------------------------------------------------------------------------
@@ -311,8 +312,7 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
 
     Spreading the synthetic reads over the real blocks' tasks keeps the task count of a p = 0 epoch
     (task overhead dominates small images), spreads the GET latency, and mixes both kinds in every
-    task's output. A `read_parquet`
-    stream would cost seconds of per-epoch listing and planning on top.
+    task's output. (A `read_parquet` stream would add seconds of per-epoch listing and planning.)
     Rows come out as x (uint8 NHWC), y (soft targets) and index (plan index; -1 for real rows).
     """
     import ray.data

@@ -18,6 +18,7 @@ FAST = ["classify.backbone=small_cnn", "classify.resolution=32", "classify.batch
 
 
 def test_short_run_beats_chance(ray_session, tmp_path):
+    """Two DDP workers (gloo on CPU): equal step counts per worker and all-reduced evaluation."""
     base = load_config(None, [f"run.output={tmp_path}"])
     digits = load_dataset(base)
     syn = str(tmp_path / "syn")
@@ -25,10 +26,10 @@ def test_short_run_beats_chance(ray_session, tmp_path):
                         digits.train.column("label").to_pylist(), num_rows=600, rows_per_file=50,
                         clip_threshold=0.1)
     config = load_config(None, [f"run.output={tmp_path}", *FAST, "classify.epochs=3", "classify.eval_every=3",
-                                "classify.p=0.3", f"classify.synthetic={syn}"])
+                                "classify.p=0.3", f"classify.synthetic={syn}", "classify.num_workers=2"])
     summary = run(config)
     metrics = summary["metrics"]
-    assert metrics["epoch"] == 3 and metrics["train_rows"] == digits.train.num_rows
+    assert metrics["epoch"] == 3 and metrics["train_rows"] == 2 * -(-digits.train.num_rows // 2)
     assert 0.15 * digits.train.num_rows < metrics["synthetic_rows"] < 0.45 * digits.train.num_rows
     assert metrics["top1"] > 0.3, metrics                                # chance is 0.1
     on_disk = json.loads((tmp_path / "run" / "classify").joinpath(

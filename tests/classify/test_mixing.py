@@ -6,7 +6,6 @@ real digit images with other labels, so these tests do not depend on the synthes
 import os
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from engine.classify.mixing import (
@@ -156,7 +155,8 @@ def test_eval_stream_maps_groups(ray_session, digits):
     rows = ds.take_all()
     assert len(rows) == 40
     got = sorted((int(r["label"]), int(r["group_pos"])) for r in rows)
-    want = sorted((int(lbl), -1 if g is None else [3, 7].index(g)) for lbl, g in zip(table.column("label").to_pylist(), groups))
+    labels = table.column("label").to_pylist()
+    want = sorted((int(lbl), -1 if g is None else [3, 7].index(g)) for lbl, g in zip(labels, groups))
     assert got == want
     half = eval_dataset(put_blocks(table, 16), rank=1, world=2, group_ids=[3, 7], resolution=32, crop=0.875)
     assert half.count() == 20
