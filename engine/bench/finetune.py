@@ -8,6 +8,7 @@ encoder configs, random weights, fp16) at 512 px, batch 8.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import tempfile
@@ -106,6 +107,7 @@ def _case(out: str, base_spec: str, cache: str, resolution: int, windows: int, w
     torch.set_num_threads(threads)
     plain = plain_loop(config, base, "cuda" if gpu else "cpu", windows, window)
     if gpu:
+        gc.collect()  # the Personalizer holds reference cycles (the embedding hook)
         torch.cuda.empty_cache()  # hand the plain loop's cached blocks back before the Ray worker loads its copy
     summary = run_finetune(config)
     return plain, [float(r) for r in summary["window_steps_per_s"][1:]]
