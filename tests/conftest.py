@@ -23,6 +23,15 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 S3_ACCESS_KEY = "diffmix-test-access"
 S3_SECRET_KEY = "diffmix-test-secret-key"
+# Credentials live in the environment, as on a real cluster, and are set before any Ray node starts
+# so that Ray workers inherit them too. The endpoint goes through `storage.storage_options`.
+for _key, _value in {
+    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ[_key] = _value
 
 
 def _free_port() -> int:
@@ -126,13 +135,6 @@ def s3_server():
     log_fh = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        os.environ[key] = value
     options = {"endpoint_url": endpoint}
     import s3fs
 
