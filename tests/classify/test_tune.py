@@ -53,7 +53,7 @@ def test_strength_grid_synthesizes_once_per_set_and_reuses(ray_session, tmp_path
         "synthesis.num_inference_steps=4", "synthesis.resolution=32", "synthesis.num_gpus_per_actor=0",
         "synthesis.rows_per_file=4", "synthesis.batch_size=4", "synthesis.clip_batch_size=4",
         "sweep.strengths=[[0.5], [0.9]]", "sweep.gamma=[0.5]", "sweep.p=[0.5]", "sweep.include_baseline=false",
-        "sweep.asha=true", "classify.epochs=2"])
+        "sweep.asha=true"])
     assert [p["strengths"] for p in grid_points(config)] == [[0.5], [0.9]]
     calls = []
 
