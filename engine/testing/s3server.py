@@ -17,6 +17,14 @@ from typing import Any, IO
 
 S3_ACCESS_KEY = "diffmix-test-access"
 S3_SECRET_KEY = "diffmix-test-secret-key"
+# What an s3fs client needs in its environment to talk to the test server (credentials, a region,
+# no instance-metadata lookups); the endpoint itself goes through storage_options.
+CLIENT_ENV = {
+    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def free_port() -> int:
@@ -87,12 +95,7 @@ def start_s3_server(timeout_s: float = 60.0, set_environ: bool = True) -> S3Serv
     log_fh = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    client_env = {
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    client_env = dict(CLIENT_ENV)
     if set_environ:
         os.environ.update(client_env)
     import s3fs
