@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 
 def run(config: "ExperimentConfig", dataset: "ImageDataset | None" = None) -> dict[str, Any]:
-    """Synthesize the configured set; see engine.synthesis.run.run."""
-    from engine.synthesis.run import run as _run
+    """Synthesize the configured set; see engine.synthesis.stage.run."""
+    from engine.synthesis.stage import run as _run
 
     return _run(config, dataset)
 

@@ -25,7 +25,7 @@ from engine.storage import Storage, join
 from engine.synthesis import run
 from engine.synthesis.manifest import PLAN_FILE, read_json
 from engine.synthesis.references import ReferenceImageError
-from engine.synthesis.run import prepare
+from engine.synthesis.stage import prepare
 from engine.synthesis.sink import committed_files, read_shard
 from engine.synthesis.translate import SynthesisError
 
@@ -104,6 +104,10 @@ def test_rerun_of_a_finished_job_writes_nothing(baseline, tiny_cache):
     after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
     assert again["written"] == 0 and again["files_written"] == 0 and again["resumed_rows"] == TOTAL
     assert before == after
+    import engine.synthesis
+    from engine.cli import resolve_stage
+
+    assert resolve_stage("synthesize") is engine.synthesis.run and callable(engine.synthesis.run)
 
 
 @pytest.mark.s3
