@@ -213,6 +213,7 @@ class ClassifyConfig(Section):
     mixup_prob: float = Field(default=0.0, ge=0, le=1)
     mixup_alpha: float = Field(default=0.2, gt=0)
     amp: bool = True
+    seed: int | None = Field(default=None, ge=0, description="Classifier seed (init, draws, shuffles); None: run.seed")
     p: float = Field(default=0.1, ge=0, le=1, description="Probability a real sample is replaced by a synthetic one")
     gamma: float = Field(default=0.5, gt=0, description="Soft-label exponent: target gets s**gamma")
     synthetic: str | None = Field(default=None, description="Synthetic shard folder URI; default: this run's")

@@ -59,12 +59,17 @@ class Inputs:
     long_tail: bool = False
 
 
+def classifier_seed(config: ExperimentConfig) -> int:
+    """`classify.seed` when set (repeat a classifier over seeds on one synthetic set), else `run.seed`."""
+    return config.run.seed if config.classify.seed is None else config.classify.seed
+
+
 def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_block: int | None = None) -> Inputs:
     """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store.
 
     A block is one decode task's worth of real rows (`classify.rows_per_task` unless given)."""
     rows_per_block = rows_per_block or config.classify.rows_per_task
-    rng = np.random.default_rng([config.run.seed, 0x7A1])
+    rng = np.random.default_rng([classifier_seed(config), 0x7A1])
     train = dataset.train.take(rng.permutation(dataset.train.num_rows))
     groups = sorted({g for g in dataset.test.column("group").to_pylist() if g is not None})
     return Inputs(
@@ -88,7 +93,7 @@ def absolute(uri: str) -> str:
 def output_uri(config: ExperimentConfig) -> str:
     if config.classify.output:
         return absolute(config.classify.output)
-    return absolute(join(config.run.uri, "classify", config.hash("dataset", "classify")))
+    return absolute(join(config.run.uri, "classify", config.hash("run", "dataset", "classify")))
 
 
 def resolve_synthetic(config: ExperimentConfig, storage: Storage) -> str:
@@ -269,6 +274,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     storage = Storage.from_config(config)
     num_classes = len(inputs.class_names)
 
+    torch.manual_seed(classifier_seed(config))  # the same config gives the same initial weights
     model = build_model(cfg.backbone, num_classes, cfg.resolution, cfg.pretrained, storage)
     model = ray.train.torch.prepare_model(model)
     module = getattr(model, "module", model)
@@ -301,14 +307,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
                               hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
                               rows_per_task=cfg.rows_per_task)
-    mix_rng = np.random.default_rng([config.run.seed, rank, start_epoch, 0xC0C])
+    mix_rng = np.random.default_rng([classifier_seed(config), rank, start_epoch, 0xC0C])
     throughput: list[float] = []
     last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         _maybe_fail(epoch, cfg.fail_at_epoch, rank, output, storage)
-        plan = epoch_plan(inputs.num_train, len(selection), cfg.p, config.run.seed, epoch)
+        plan = epoch_plan(inputs.num_train, len(selection), cfg.p, classifier_seed(config), epoch)
         share = worker_share(plan, len(selection), rank, world)
-        rng = np.random.default_rng([config.run.seed, epoch, rank])
+        rng = np.random.default_rng([classifier_seed(config), epoch, rank])
         data = epoch_dataset(inputs.train_blocks, selection, share, storage, settings, rng)
         model.train()
         loss_sum, rows, steps = 0.0, 0, 0
