@@ -94,7 +94,9 @@ def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
                                       mixed.column("strength").to_pylist())):
         by_cell.setdefault((r, t, s), i)
     complete = sorted({(r, t) for (r, t, _s) in by_cell if all((r, t, s) in by_cell for s in strengths)})
-    chosen = (complete or sorted({(r, t) for (r, t, _s) in by_cell}))[:pairs]
+    partial = sorted({(r, t) for (r, t, _s) in by_cell} - set(complete), key=lambda rt: -sum(
+        (rt[0], rt[1], s) in by_cell for s in strengths))
+    chosen = (complete + partial)[:pairs]  # pairs seen at every strength first
     fig, axes = plt.subplots(len(chosen), len(strengths), figsize=(2.4 * len(strengths), 1.4 * len(chosen)),
                              squeeze=False)
     for row, (r, t) in enumerate(chosen):
@@ -114,7 +116,7 @@ def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
             ref = np.asarray(decode(inputs.real_images[ref_id]).resize(out.shape[1::-1])) \
                 if ref_id in inputs.real_images else np.zeros_like(out)
             ax.imshow(np.concatenate([ref, np.full((out.shape[0], 2, 3), 255, np.uint8), out], axis=1))
-    fig.suptitle("reference | translated (diff-mix)", fontsize=10)
+    fig.suptitle("reference | translated (diff-mix)", fontsize=10, y=1.0 + 0.12 / len(chosen))
     return _png(fig)
 
 
