@@ -7,7 +7,6 @@ scores): the driver computes the filter threshold and the manifest from those, n
 from __future__ import annotations
 
 import io
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 

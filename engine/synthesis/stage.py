@@ -26,7 +26,7 @@ from engine.data.shards import MANIFEST
 from engine.storage import Storage, join, redact
 from engine.synthesis.filter import clip_threshold, kept_mask
 from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, versions, write_manifest
-from engine.synthesis.plan import (PlanSpec, build_plan, is_gen, num_rows, plain_prompts, uses_adapter)
+from engine.synthesis.plan import PlanSpec, build_plan, is_gen, plain_prompts, uses_adapter
 from engine.synthesis.references import check_references, load_references
 from engine.synthesis.score import ClipScorer
 from engine.synthesis.sink import FileStats, read_committed, stats_from_rows, write_windows
@@ -88,9 +88,29 @@ def folder_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(ref: ModelRef, resolved: str) -> dict[str, Any]:
+def remote_fingerprint(storage: Storage, uri: str) -> str:
+    """Like folder_fingerprint for a model in object storage, from a listing: no multi-GB download on the driver."""
+    fs, root = storage.fs(uri)
+    h = hashlib.sha256()
+    for path in sorted(fs.find(root)):
+        rel = path[len(root.rstrip("/")) + 1:]
+        size = int(fs.size(path))
+        h.update(f"{rel}\x1f{size}\x1e".encode())
+        if size <= _SMALL_FILE and rel.endswith(".json"):
+            h.update(fs.cat_file(path))
+    return h.hexdigest()[:16]
+
+
+def model_identity(ref: ModelRef, storage: Storage) -> dict[str, Any]:
+    """What names a base/CLIP model in the plan hash. Remote folders are fingerprinted by listing; local and
+    tiny ones are resolved here (which also fails early on a missing folder); hub ids stand for themselves."""
+    if "://" in ref.spec and not ref.spec.startswith("file://"):
+        if not storage.exists(ref.spec):
+            raise SynthesisError(f"model folder not found: {redact(ref.spec)}")
+        return {"spec": redact(ref.spec), "fingerprint": remote_fingerprint(storage, ref.spec)}
+    resolved = ref.resolve(storage)
     if os.path.isdir(resolved):
-        return {"spec": ref.spec if ref.spec == "tiny" or "://" in ref.spec else os.path.basename(resolved),
+        return {"spec": ref.spec if ref.spec == "tiny" else os.path.basename(resolved),
                 "fingerprint": folder_fingerprint(resolved)}
     return {"spec": ref.spec}
 
@@ -125,15 +145,15 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
     words = tuple([*ds.class_names, ds.metaclass])
     base = ModelRef(config.model.base, config.model.cache_dir, "sd", config.model.tiny_seed, config.model.resolution, words)
     clip = ModelRef(config.model.clip, config.model.cache_dir, "clip", config.model.tiny_seed, config.model.resolution, words)
-    base_path, clip_path = base.resolve(storage), clip.resolve(storage)
+    base_id, clip_id = model_identity(base, storage), model_identity(clip, storage)
     if is_gen(syn.strategy):
         usable, skipped = np.ones(ds.train.num_rows, dtype=bool), []
     else:
         usable, skipped = check_references(ds.train, config.dataset.skip_bad_images)
     identity = {
         "num_inference_steps": syn.num_inference_steps, "guidance_scale": syn.guidance_scale,
-        "resolution": syn.resolution, "base_model": model_identity(base, base_path),
-        "clip_model": model_identity(clip, clip_path), "adapter": adapter.digest if adapter else None,
+        "resolution": syn.resolution, "base_model": base_id,
+        "clip_model": clip_id, "adapter": adapter.digest if adapter else None,
         "dataset": ds.fingerprint(), "skipped_references": sorted(skipped), "metaclass": ds.metaclass,
     }
     spec = PlanSpec(syn.strategy, tuple(syn.strengths), syn.multiplier,
@@ -164,14 +184,23 @@ def joins_cluster() -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without importing torch (~0.5 GB of driver memory)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len([d for d in os.listdir("/dev") if d.startswith("nvidia") and d[len("nvidia"):].isdigit()])
+    except OSError:
+        return 0
+
+
 def check_local_gpus(config: ExperimentConfig) -> None:
     """Before anything is written: a local run asking for more GPUs than the machine has fails now."""
     needs = resource_needs(config)
     if needs["GPU"] <= 0 or joins_cluster():
         return
-    import torch
-
-    gpus = torch.cuda.device_count()
+    gpus = visible_gpus()
     if needs["GPU"] > gpus:
         raise SynthesisError(
             f"synthesis needs {needs['GPU']:g} GPU(s) (synthesis.min_actors x num_gpus_per_actor + clip_num_gpus) "
@@ -199,13 +228,10 @@ def ensure_ray(config: ExperimentConfig) -> None:
                         "(lower synthesis.min_actors / cpus_per_actor / cpus_per_task / num_gpus_per_actor "
                         "if none is coming)", {k: have.get(k, 0.0) for k in needs}, needs)
         return
-    import torch
-
     check_local_gpus(config)
-    gpus = torch.cuda.device_count()
     cpus = max(os.cpu_count() or 1, math.ceil(needs["CPU"]))  # logical CPUs: the stages overlap on few cores
-    log.info("starting a local Ray instance (%d logical CPUs, %d GPUs)", cpus, gpus)
-    ray.init(num_cpus=cpus, num_gpus=gpus)
+    log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
+    ray.init(num_cpus=cpus)
 
 
 class Progress:

@@ -295,3 +295,22 @@ def test_encode_png_roundtrip_of_generated_images(baseline):
     img = to_array(rows.column("image")[0].as_py())
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
     assert encode_png(img)[:4] == b"\x89PNG"
+
+
+def test_remote_models_are_fingerprinted_from_a_listing(tiny_cache, tmp_path):
+    from engine.models import resolve_model
+    from engine.synthesis.stage import model_identity
+    from engine.synthesis.translate import ModelRef
+
+    storage = Storage()
+    local = resolve_model("tiny", str(tiny_cache), kind="sd", resolution=32, extra_words=["zero", "digit"])
+    storage.upload_dir(local, "memory://models/a")
+    storage.upload_dir(local, "memory://models/b")
+    ident = [model_identity(ModelRef(f"memory://models/{x}", str(tmp_path / "cache"), "sd"), storage) for x in "ab"]
+    assert ident[0]["fingerprint"] == ident[1]["fingerprint"]
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded
+    storage.write_text("memory://models/b/unet/config.json", '{"changed": true}')
+    changed = model_identity(ModelRef("memory://models/b", str(tmp_path / "cache"), "sd"), storage)
+    assert changed["fingerprint"] != ident[0]["fingerprint"]
+    with pytest.raises(SynthesisError, match="model folder not found: memory://models/none"):
+        model_identity(ModelRef("memory://models/none", str(tmp_path / "cache"), "sd"), storage)
