@@ -87,3 +87,20 @@ def test_pipeline_via_ray_job_submit(ray_cluster, tmp_path):
     summary = json.loads((tmp_path / "submitted" / "pipeline.json").read_text())
     assert os.path.exists(os.path.join(summary["classify"]["output"], "metrics.json"))
     assert "pipeline done" in logs
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_each_stage_job_via_ray_job_submit(ray_cluster, tmp_path):
+    """finetune, synthesize and classify as separate submitted jobs, each finding the last one's output."""
+    from test_job_submit import submit_and_wait
+
+    args = ["--config", "examples/demo.yaml", *reduced(tmp_path, "stages")]
+    run_dir = tmp_path / "stages"
+    for stage in ("finetune", "synthesize", "classify"):
+        status, logs = submit_and_wait(ray_cluster, ["python", f"jobs/{stage}.py", *args])
+        assert status == "SUCCEEDED", f"{stage}: {logs[-3000:]}"
+    assert (run_dir / "adapter" / "adapter.json").exists()
+    manifests = list((run_dir / "synthetic").glob("*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["counts"]["rows"] > 0
+    metrics = list((run_dir / "classify").glob("*/metrics.json"))
+    assert len(metrics) == 1 and "top1" in json.loads(metrics[0].read_text())["metrics"]
