@@ -19,7 +19,7 @@ from engine.finetune import FinetuneError, balanced_rates, balanced_repeat, prep
 from engine.models import ModelError, load_img2img_pipeline, resolve_model
 from engine.models.adapters import load_adapter, read_adapter_info
 from engine.storage import Storage, join
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
 
 
 def _config(tmp: Path, cache: Path, name: str, *overrides: str) -> ExperimentConfig:
