@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import types
 from typing import Any
 
 from engine.cli import STAGES, resolve_stage
@@ -22,12 +21,7 @@ def ensure_synthetic(config: ExperimentConfig) -> str:
     resumable (DESIGN.md), so a finished plan is reused by its plan hash and costs no generation."""
     if "synthesize" not in STAGES:
         raise RuntimeError("the synthesis stage is not registered in engine.cli.STAGES ('synthesize')")
-    stage: Any = resolve_stage("synthesize")
-    if isinstance(stage, types.ModuleType):
-        # engine/synthesis/__init__.py's run() imports its submodule `run`, which then shadows the
-        # package attribute: from the second call on, STAGES' "engine.synthesis:run" names the module.
-        stage = stage.run
-    summary = stage(config)
+    summary = resolve_stage("synthesize")(config)
     output = summary.get("output") if isinstance(summary, dict) else None
     if not isinstance(output, str):
         raise RuntimeError("the synthesis stage's summary names no 'output' folder")
@@ -43,15 +37,10 @@ def sweep(config: ExperimentConfig) -> dict[str, Any]:
     return run_sweep(config, ensure_synthetic=ensure_synthetic)
 
 
-def _stage(name: str) -> Any:
-    stage: Any = resolve_stage(name)
-    return stage.run if isinstance(stage, types.ModuleType) else stage  # see ensure_synthetic
-
-
 def run_stage(name: str, config: ExperimentConfig) -> dict[str, Any]:
     """One stage's `run(config)`, with its wall time added to the summary as `stage_elapsed_s`."""
     t0 = time.perf_counter()
-    summary = dict(_stage(name)(config))
+    summary = dict(resolve_stage(name)(config))
     summary["stage_elapsed_s"] = round(time.perf_counter() - t0, 3)
     return summary
 
