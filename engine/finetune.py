@@ -29,7 +29,9 @@ from engine.data import ImageDataset, decode, load_dataset
 from engine.models import resolve_model
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
-from engine.storage import Storage, is_local, join, redact
+from engine.ray_train import ensure_ray, make_trainer
+from engine.ray_train import use_gpu as cluster_has_gpu
+from engine.storage import Storage, join, redact
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -270,17 +272,6 @@ def artifact_uri(config: ExperimentConfig) -> str:
     return config.finetune.output or join(config.run.uri, "adapter")
 
 
-def _ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: a local absolute path, or an fsspec fs via pyarrow."""
-    if is_local(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return os.path.abspath(os.path.expanduser(path)), None
-    import pyarrow.fs
-
-    fs, path = storage.fs(uri)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
 def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
     """What would only fail inside Ray workers, checked on the driver first."""
     ft = config.finetune
@@ -290,14 +281,6 @@ def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
     if ds.train.num_rows < ft.batch_size:
         raise FinetuneError(f"dataset {ds.name} has {ds.train.num_rows} train images, fewer than "
                             f"finetune.batch_size={ft.batch_size}")
-
-
-def _use_gpu(config: ExperimentConfig) -> bool:
-    import ray
-
-    if config.finetune.use_gpu is not None:
-        return config.finetune.use_gpu
-    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def _summary(info: AdapterInfo, reused: bool, **extra: Any) -> dict[str, Any]:
@@ -353,10 +336,6 @@ def _versions() -> dict[str, str]:
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
     """Fine-tune (or reuse a finished fine-tune) and return a summary naming the adapter artifact."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from engine.models.adapters import class_prompts, placeholder_tokens, trains_embeddings
 
     t0 = time.perf_counter()
@@ -376,11 +355,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         log.info("finetune already done for this config (%s): adapter artifact at %s", key, redact(out))
         return _summary(done, reused=True, elapsed_s=round(time.perf_counter() - t0, 2))
 
-    if not ray.is_initialized():
-        ray.init()
-    use_gpu = _use_gpu(config)
+    ensure_ray()
+    use_gpu = cluster_has_gpu(ft.use_gpu)
     ray_uri = join(config.run.uri, "finetune-ray")
-    storage_path, storage_fs = _ray_storage(ray_uri, storage)
     name = f"ft-{key}"
     spec = {"strategy": ft.strategy, "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
@@ -399,17 +376,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     }
     dataset = build_dataset(ds.train, ds.num_classes, ft.resolution, ft.class_balanced, ft.random_flip,
                             config.run.seed)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=ft.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": ft.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=ft.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints)),
-        datasets={"train": dataset},
-    )
+    trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,
+                           num_workers=ft.num_workers, gpu=use_gpu, cpus_per_worker=ft.cpus_per_worker,
+                           max_failures=ft.max_failures, keep_checkpoints=ft.keep_checkpoints,
+                           datasets={"train": dataset})
     log.info("finetune %s: %s on %d classes, %d steps, batch %d over %d %s worker(s); checkpoints in %s",
              key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
              "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))

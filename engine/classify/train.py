@@ -37,6 +37,8 @@ from engine.classify.mixing import (
 from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
 from engine.data.shards import MANIFEST, ShardError
+from engine.ray_train import ensure_ray, make_trainer
+from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 
 log = logging.getLogger(__name__)
@@ -112,30 +114,9 @@ def resolve_synthetic(config: ExperimentConfig, storage: Storage) -> str:
     return join(root, found[0].rstrip("/").split("/")[-2])
 
 
-def _train_storage(output: str, storage: Storage) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train, through the Storage's fsspec filesystem."""
-    if is_local(output):
-        return output, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.fs(output)
-    return path, PyFileSystem(FSSpecHandler(fs))
-
-
-def _use_gpu(requested: bool | None) -> bool:
-    import ray
-
-    if requested is not None:
-        return requested
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
         callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train once with a `TorchTrainer`; returns (and writes to `<output>/metrics.json`) the summary."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     cfg = config.classify
     check_p(cfg.p)
     check_gamma(cfg.gamma)
@@ -149,20 +130,10 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
                                    cfg.filtered, cfg.p)
     loop_config = {"config": config.model_dump(mode="json"), "inputs": inputs, "selection": selection,
                    "output": output}
-    use_gpu = _use_gpu(cfg.use_gpu)
-    storage_path, filesystem = _train_storage(output, storage)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name="train", storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=list(callbacks or []),
-        ),
-    )
+    trainer = make_trainer(train_loop, loop_config, name="train", uri=output, storage=storage,
+                           num_workers=cfg.num_workers, gpu=cluster_has_gpu(cfg.use_gpu),
+                           cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                           keep_checkpoints=cfg.keep_checkpoints, callbacks=list(callbacks or []))
     log.info("classify: %s @%dpx, %d epochs, p=%s gamma=%s, %d train rows, %d synthetic rows selected -> %s",
              cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
              redact(output))
@@ -184,14 +155,6 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
 
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:

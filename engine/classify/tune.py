@@ -15,7 +15,8 @@ import logging
 import math
 from typing import Any, Callable
 
-from engine.classify.train import Inputs, absolute, ensure_ray, fit, prepare_inputs
+from engine.classify.train import Inputs, absolute, fit, prepare_inputs
+from engine.ray_train import ensure_ray
 from engine.config import ExperimentConfig, validate
 from engine.storage import Storage, is_local, join, redact
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from engine.testing.adapter import write_random_adapter
 import torch
 
 from engine.data.builtin import CLASS_NAMES, METACLASS
@@ -15,7 +17,7 @@ from engine.models import load_img2img_pipeline, resolve_model
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, add_placeholder_tokens, class_prompts,
                                     embedding_relpath, fingerprint_folder, lora_config_dict, load_adapter,
                                     metaclass_embedding, placeholder_tokens, read_adapter_info, readable_name,
-                                    save_embeddings, save_lora, write_adapter_info)
+                                    write_adapter_info)
 
 CLASSES = CLASS_NAMES[:3]
 
@@ -59,28 +61,7 @@ def test_placeholder_tokens_start_from_the_metaclass(base: str):
 
 
 def _fake_artifact(base: str, folder: Path, strategy: str = "ti+db") -> AdapterInfo:
-    """An artifact with random (but valid) weights, written with the engine's writers."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(**lora_config_dict(4)))
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    save_lora(str(folder), get_peft_model_state_dict(unet), 4)
-    tokens = placeholder_tokens(CLASSES)
-    files = save_embeddings(str(folder), tokens, torch.randn(len(tokens), 32))
-    info = AdapterInfo(strategy=strategy, base_model="tiny", base_model_hash=fingerprint_folder(base),
-                       class_names=list(CLASSES), metaclass=METACLASS, tokens=tokens,
-                       prompts=class_prompts(strategy, CLASSES, METACLASS), lora_rank=4,
-                       lora_file="pytorch_lora_weights.safetensors", embedding_files=files, steps=1, final_loss=1.0,
-                       resolution=32, config_hash="test", dataset_fingerprint="test", uri=str(folder))
-    write_adapter_info(str(folder), info)
-    return info
+    return write_random_adapter(base, str(folder), CLASSES, METACLASS, strategy)
 
 
 def _sample(pipe, prompt: str, seed: int = 3) -> np.ndarray:

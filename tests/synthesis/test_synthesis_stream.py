@@ -207,33 +207,12 @@ def test_filter_threshold_and_reader(baseline):
 @pytest.fixture(scope="module")
 def adapter(tiny_cache, tmp_path_factory) -> str:
     """A ti+db artifact for the 10 digit classes with random (valid) weights, written by the engine's writers."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     from engine.models import resolve_model
-    from engine.models.adapters import (AdapterInfo, class_prompts, fingerprint_folder, lora_config_dict,
-                                        placeholder_tokens, save_embeddings, save_lora, write_adapter_info)
+    from engine.testing.adapter import write_random_adapter
 
     base = resolve_model("tiny", str(tiny_cache), kind="sd", resolution=32, extra_words=[*CLASS_NAMES, METACLASS])
     folder = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(**lora_config_dict(4)))
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    save_lora(str(folder), get_peft_model_state_dict(unet), 4)
-    tokens = placeholder_tokens(CLASS_NAMES)
-    files = save_embeddings(str(folder), tokens, torch.randn(len(tokens), 32))
-    info = AdapterInfo(strategy="ti+db", base_model="tiny", base_model_hash=fingerprint_folder(base),
-                       class_names=list(CLASS_NAMES), metaclass=METACLASS, tokens=tokens,
-                       prompts=class_prompts("ti+db", CLASS_NAMES, METACLASS), lora_rank=4,
-                       lora_file="pytorch_lora_weights.safetensors", embedding_files=files, steps=1, final_loss=1.0,
-                       resolution=32, config_hash="test", dataset_fingerprint="test", uri=str(folder))
-    write_adapter_info(str(folder), info)
+    write_random_adapter(base, str(folder), CLASS_NAMES, METACLASS)
     return str(folder)
 
 

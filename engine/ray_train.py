@@ -1,0 +1,63 @@
+"""Ray Train plumbing shared by the training stages (fine-tuning, classification).
+
+One place decides where Train keeps checkpoints (a local path, or any fsspec URI through
+pyarrow), whether workers get GPUs, and how a `TorchTrainer` is assembled from a stage's
+settings, so both stages resume and report the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from engine.storage import Storage, is_local
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def use_gpu(requested: bool | None) -> bool:
+    """The config's choice, else GPUs whenever the cluster has one."""
+    import ray
+
+    if requested is not None:
+        return requested
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def train_storage(uri: str, storage: Storage) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: a local absolute path, or an fsspec fs via pyarrow."""
+    if is_local(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path)), None
+    import pyarrow.fs
+
+    fs, path = storage.fs(uri)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def make_trainer(train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, name: str,
+                 uri: str, storage: Storage, num_workers: int, gpu: bool, cpus_per_worker: float,
+                 max_failures: int, keep_checkpoints: int, datasets: dict[str, Any] | None = None,
+                 callbacks: Sequence[Any] = ()) -> Any:
+    """A `TorchTrainer` checkpointing under `uri`/`name`, restarting failed worker groups from the last one."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_path, filesystem = train_storage(uri, storage)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=list(callbacks)),
+        datasets=datasets,
+    )
