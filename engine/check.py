@@ -11,7 +11,7 @@ import time
 
 from engine.config import ExperimentConfig
 from engine.data import load_dataset
-from engine.models import resolve_model
+from engine.models.base import ModelRef
 from engine.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,8 @@ def run(config: ExperimentConfig) -> dict:
     storage = Storage.from_config(config)
     t0 = time.perf_counter()
     ds = load_dataset(config, storage)
-    words = [*ds.class_names, ds.metaclass]
-    base = resolve_model(config.model.base, config.model.cache_dir, storage, kind="sd",
-                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
-    clip = resolve_model(config.model.clip, config.model.cache_dir, storage, kind="clip",
-                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
+    base = ModelRef.from_config(config, "sd", ds.class_names, ds.metaclass).resolve(storage)
+    clip = ModelRef.from_config(config, "clip", ds.class_names, ds.metaclass).resolve(storage)
     probe = join(config.run.uri, ".check")
     storage.write_text(probe, "ok")
     storage.remove(probe)

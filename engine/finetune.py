@@ -26,7 +26,7 @@ from PIL import Image
 
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, decode, load_dataset
-from engine.models import resolve_model
+from engine.models.base import ModelRef
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
 from engine.ray_train import ensure_ray, make_trainer
@@ -212,8 +212,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage = Storage(**cfg["storage"])
-    base = resolve_model(cfg["base_spec"], cfg["cache_dir"], storage, kind="sd", tiny_seed=cfg["tiny_seed"],
-                         resolution=cfg["model_resolution"], extra_words=cfg["extra_words"])
+    base = cfg["base"].resolve(storage)
     spec = PersonalizeSpec(**{**cfg["spec"], "base_folder": base, "class_names": tuple(cfg["spec"]["class_names"])})
     p = Personalizer(spec, ray.train.torch.get_device())
     total, log_every, ckpt_every = cfg["steps"], cfg["log_every"], cfg["checkpoint_every"]
@@ -343,9 +342,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     storage = Storage.from_config(config)
     ds = load_dataset(config, storage)
     validate_inputs(config, ds)
-    words = [*ds.class_names, ds.metaclass]
-    base = resolve_model(config.model.base, config.model.cache_dir, storage, kind="sd",
-                         tiny_seed=config.model.tiny_seed, resolution=config.model.resolution, extra_words=words)
+    base_ref = ModelRef.from_config(config, "sd", ds.class_names, ds.metaclass)
+    base = base_ref.resolve(storage)
     base_hash = fingerprint_folder(base)
     fingerprint = ds.fingerprint()
     key = run_key(config, fingerprint, base_hash)
@@ -363,8 +361,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
             "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
             "max_grad_norm": ft.max_grad_norm, "mixed_precision": ft.mixed_precision}
     loop_config = {
-        "spec": spec, "base_spec": config.model.base, "cache_dir": config.model.cache_dir,
-        "tiny_seed": config.model.tiny_seed, "model_resolution": config.model.resolution, "extra_words": words,
+        "spec": spec, "base": base_ref,
         "storage": {"storage_options": dict(config.storage.storage_options), "retries": config.storage.retries,
                     "retry_wait_s": config.storage.retry_wait_s},
         "steps": ft.steps, "worker_batch": ft.batch_size // ft.num_workers, "seed": config.run.seed,

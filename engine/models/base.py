@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 from engine.models.cache import build_once
@@ -25,6 +26,32 @@ log = logging.getLogger(__name__)
 Kind = Literal["sd", "clip"]
 # The file whose presence says "this folder is a model of that kind".
 _INDEX_FILE: dict[str, str] = {"sd": "model_index.json", "clip": "config.json"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How any process (driver, Train worker, Ray actor) resolves the configured model on its own node.
+
+    Every stage builds it with `from_config`, so the tiny model's tokenizer words (class names and
+    metaclass) are the same everywhere and an adapter trained on one matches the base of another.
+    """
+
+    spec: str
+    cache_dir: str
+    kind: str = "sd"
+    tiny_seed: int = 0
+    resolution: int = 32
+    extra_words: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any, kind: Kind, class_names: Iterable[str], metaclass: str) -> "ModelRef":
+        model = config.model
+        return cls(model.base if kind == "sd" else model.clip, model.cache_dir, kind, model.tiny_seed,
+                   model.resolution, (*class_names, metaclass))
+
+    def resolve(self, storage: Storage | None = None) -> str:
+        return resolve_model(self.spec, self.cache_dir, storage, kind=self.kind,  # type: ignore[arg-type]
+                             tiny_seed=self.tiny_seed, resolution=self.resolution, extra_words=self.extra_words)
 
 
 def looks_like_path(spec: str) -> bool:

@@ -142,9 +142,8 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
     storage = Storage.from_config(config)
     ds = dataset if dataset is not None else load_dataset(config, storage)
     adapter = read_adapter(config, storage, ds) if uses_adapter(syn.strategy) else None
-    words = tuple([*ds.class_names, ds.metaclass])
-    base = ModelRef(config.model.base, config.model.cache_dir, "sd", config.model.tiny_seed, config.model.resolution, words)
-    clip = ModelRef(config.model.clip, config.model.cache_dir, "clip", config.model.tiny_seed, config.model.resolution, words)
+    base = ModelRef.from_config(config, "sd", ds.class_names, ds.metaclass)
+    clip = ModelRef.from_config(config, "clip", ds.class_names, ds.metaclass)
     base_id, clip_id = model_identity(base, storage), model_identity(clip, storage)
     if is_gen(syn.strategy):
         usable, skipped = np.ones(ds.train.num_rows, dtype=bool), []

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from engine.models.base import ModelRef  # noqa: F401  (re-exported: actors take it)
 from engine.storage import Storage, redact
 from engine.synthesis.windows import column_to_pixels, map_windows, pixels_to_column
 
@@ -30,24 +31,6 @@ log = logging.getLogger(__name__)
 
 class SynthesisError(RuntimeError):
     """A synthesis job that cannot go on; the message names the file, row, key or URI."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """How a worker finds a base model on its own node (never a driver-local path)."""
-
-    spec: str
-    cache_dir: str
-    kind: str = "sd"
-    tiny_seed: int = 0
-    resolution: int = 32
-    extra_words: tuple[str, ...] = ()
-
-    def resolve(self, storage: Storage) -> str:
-        from engine.models import resolve_model
-
-        return resolve_model(self.spec, self.cache_dir, storage, kind=self.kind,  # type: ignore[arg-type]
-                             tiny_seed=self.tiny_seed, resolution=self.resolution, extra_words=self.extra_words)
 
 
 @dataclass(frozen=True)
