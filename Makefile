@@ -10,6 +10,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
+# Ray Train's controller polls workers every 2 s and each report() waits for that poll: on these small
+# local runs (epochs well under a second) that wait would dominate, so poll often.
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.1
 
 .PHONY: demo test bench venv clean
 

@@ -96,6 +96,49 @@ class ModelConfig(Section):
     resolution: int = Field(default=512, ge=8, le=2048, description="Pixel size images are generated/trained at")
 
 
+class PretrainConfig(Section):
+    """Train a small SD from scratch on the dataset's train split (`diffmix pretrain`): the demo's base model.
+
+    Phase 1 trains the VAE, phase 2 the UNet and text encoder on "photo of a <class> <metaclass>" prompts.
+    Operational fields (workers, checkpoints, logging, eval) do not change the result's cache key.
+    """
+
+    output: str | None = Field(default=None, description="Model folder URI; default <run>/pretrained")
+    resolution: int = Field(default=32, ge=8, le=512)
+    vae_blocks: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1, max_length=4)
+    vae_norm_groups: int = Field(default=16, ge=1)
+    unet_blocks: list[int] = Field(default_factory=lambda: [64, 128], min_length=2, max_length=4)
+    layers_per_block: int = Field(default=2, ge=1, le=4)
+    attention_head_dim: int = Field(default=8, ge=1)
+    vae_steps: int = Field(default=1000, ge=1)
+    vae_learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    kl_weight: float = Field(default=1e-6, ge=0)
+    steps: int = Field(default=4000, ge=1, description="Denoiser (UNet + text encoder) steps")
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    batch_size: int = Field(default=128, ge=1, description="Total batch over all workers")
+    prompt_dropout: float = Field(default=0.1, ge=0, lt=1, description="Share of empty prompts (for guidance)")
+    weight_decay: float = Field(default=1e-2, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
+    save_dtype: Literal["fp16", "fp32"] = Field(default="fp16", description="Weights as written (fp16 halves size)")
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool | None = None
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    max_failures: int = Field(default=1, ge=0)
+    keep_checkpoints: int = Field(default=1, ge=1)
+    eval_per_class: int = Field(default=10, ge=0, description="diff-gen samples per class for the quality check")
+    eval_steps: int = Field(default=25, ge=1)
+    eval_guidance: float = Field(default=3.0, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "PretrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        return self
+
+
 SYNTHESIS_STRATEGIES = ("diff-mix", "diff-aug", "diff-gen", "real-mix", "real-aug", "real-gen")
 
 
@@ -236,6 +279,8 @@ class ClassifyConfig(Section):
     data_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data decode/augment task")
     prefetch_batches: int = Field(default=2, ge=0)
     rows_per_task: int = Field(default=64, ge=1, description="Images per Ray Data decode task (raise for small images)")
+    inline_rows: int = Field(default=1024, ge=0, description="Epochs/evals of at most this many rows per worker are "
+                             "decoded in the train worker (a Ray Data stream's start-up costs more); 0: always stream")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in the run folder")
 
     @field_validator("strengths")
@@ -336,6 +381,7 @@ class ExperimentConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)

@@ -7,6 +7,7 @@ CLIP histogram). Every stage reuses finished work, so a rerun only redoes what i
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from engine.config import ExperimentConfig, load_config
 from engine.data import load_dataset
 from engine.data.shards import SyntheticSet
 from engine.pipeline import run_stage, with_overrides
+from engine.ray_train import local_train_env
 from engine.report import ReportInputs, ResultRow, StageTiming, write_report
 from engine.storage import Storage, join
 
@@ -34,6 +36,7 @@ def start_local_ray() -> None:
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    local_train_env()
     ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=512 * 1024 * 1024,
              include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -71,17 +74,50 @@ def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, 
 
 
 def verdict(rows: list[ResultRow]) -> str:
-    by = {r.method: r.mean for r in rows}
+    """Each step of the paper's order, measured: holds or not, and whether the gap beats the seed spread."""
+    by = {r.method: r for r in rows}
     present = [m for m in EXPECTED_ORDER if m in by]
     if len(present) < 2:
         return "Too few methods ran to compare against the paper's direction of effect."
-    holds = all(by[a] >= by[b] for a, b in zip(present, present[1:]))
-    chain = " >= ".join(present)
-    measured = ", ".join(f"{m} {by[m]:.3f}" for m in present)
-    return (f"The paper's few-shot direction of effect is {chain}. This run measured {measured}: "
-            + ("the miniature reproduces it." if holds else "the miniature does NOT reproduce it.")
-            + " With tiny models and few seeds the differences are small and noisy; read them as a check that "
-              "every stage runs, not as evidence about the method.")
+    steps, holds, clear = [], True, True
+    for a, b in zip(present, present[1:]):
+        gap = by[a].mean - by[b].mean
+        beyond_noise = abs(gap) > max(by[a].std, by[b].std)
+        holds &= gap >= 0
+        clear &= beyond_noise
+        steps.append(f"{a} {by[a].mean:.3f} ± {by[a].std:.3f} vs {b} {by[b].mean:.3f} ± {by[b].std:.3f}: "
+                     f"{'holds' if gap >= 0 else 'reversed'} by {abs(gap):.3f}"
+                     f"{'' if beyond_noise else ' (within the seed-to-seed spread)'}")
+    if holds and clear:
+        reading = "the miniature reproduces it."
+    elif holds:
+        reading = "the miniature shows the same order, but not every gap is larger than the seed-to-seed spread."
+    else:
+        reading = "the miniature does NOT reproduce it."
+    return (f"The paper's few-shot direction of effect is {' >= '.join(present)}; {reading} "
+            + "; ".join(steps) + f" (top-1, mean ± std over {len(by[present[0]].top1)} classifier seeds).")
+
+
+def base_model_note(config: ExperimentConfig) -> str | None:
+    """What the base model is, and how well it draws the classes, when it records that (pretrain.json)."""
+    from engine.models.base import SHIPPED_MODELS
+    from engine.pretrain import PRETRAIN_JSON
+
+    spec = config.model.base
+    folder = SHIPPED_MODELS[spec][0] if spec in SHIPPED_MODELS else spec
+    path = os.path.join(folder, PRETRAIN_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        info = json.load(fh)
+    check = info.get("check") or {}
+    drawn = (f"; a classifier trained on real images only labels {100 * check['accuracy']:.0f}% of its "
+             f"{check['samples']} plain-prompt samples as the prompted class (chance {100 * check['chance']:.0f}%)"
+             if check else "")
+    return (f"Base model {spec}: a small Stable Diffusion pre-trained from scratch by `diffmix pretrain` on the "
+            f"{info['train_rows']} train images of {info['dataset']} ({info['pretrain']['steps']} denoiser steps)"
+            f"{drawn}. The classifiers below see only the few-shot subset; the test split is never used for "
+            f"pre-training.")
 
 
 def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
@@ -118,8 +154,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         grid_set=SyntheticSet.open(sets[grid_method]["output"], storage) if grid_method else None,
         score_set=SyntheticSet.open(sets[score_method]["output"], storage) if score_method else None,
         results=rows, timings=timings(finetune, sets, runs), verdict=verdict(rows),
-        notes=[f"config hash {config.hash()}; seeds {config.demo.seeds}; p = {config.classify.p}, "
-               f"gamma = {config.classify.gamma}; strengths {config.synthesis.strengths}"],
+        notes=[n for n in (base_model_note(config),
+                           f"config hash {config.hash()}; seeds {config.demo.seeds}; p = {config.classify.p}, "
+                           f"gamma = {config.classify.gamma}; strengths {config.synthesis.strengths}; "
+                           f"fine-tuning {config.finetune.strategy}, {config.finetune.steps} steps") if n],
     )
     page = write_report(inputs, join(config.run.uri, "report"), storage)
     return {"report": page, "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1} for r in rows}}

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
-ADAPTER_SUBDIR = "adapter"
+ARTIFACT_SUBDIR = "artifact"  # in the final checkpoint: what the step model saves
 # FinetuneConfig fields that change how a run executes, not what it produces: not part of the run key.
 OPERATIONAL_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every",
                       "max_failures", "output", "fail_at_step", "keep_checkpoints"}
@@ -192,10 +192,54 @@ def _report(p: Any, step: int, progress: _Progress, metrics: dict[str, Any], ran
         torch.save({**p.train_state(), "step": step, "history": progress.history}, os.path.join(tmp, STATE_FILE))
         summary: dict[str, Any] = {"step": step, "history": progress.history, "rates": progress.rates}
         if final:
-            summary["files"] = p.save_adapter_files(os.path.join(tmp, ADAPTER_SUBDIR))
+            summary["files"] = p.save_artifact_files(os.path.join(tmp, ARTIFACT_SUBDIR))
         with open(os.path.join(tmp, PROGRESS_FILE), "w") as fh:
             json.dump(summary, fh)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def in_memory_data(train: pa.Table, resolution: int) -> Any:
+    """The train split decoded once into the object store: (uint8 [N, 3, R, R] pixels, labels).
+
+    For small datasets trained many epochs without augmentation (pre-training), where a Ray Data
+    stream's per-iteration start-up and coordinator CPU would cost more than the decoding it saves.
+    """
+    import ray
+
+    rng = np.random.default_rng(0)
+    pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, False, rng)
+                       for b in train.column("image").to_pylist()])
+    return ray.put((pixels, train.column("label").to_numpy().astype(np.int64)))
+
+
+def _epoch_batches(cfg: dict[str, Any], rank: int, world: int, epoch: int) -> Any:
+    """This worker's batches of one epoch: from the Ray Data shard, or from `in_memory_data` arrays."""
+    import ray
+    import ray.train
+    import torch
+
+    if cfg.get("arrays") is None:
+        yield from ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=cfg["worker_batch"], drop_last=True, local_shuffle_buffer_size=cfg["shuffle_buffer"])
+        return
+    pixels, labels = ray.get(cfg["arrays"])
+    order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(labels))[rank::world]
+    size = cfg["worker_batch"]
+    for start in range(0, len(order) - size + 1, size):
+        rows = np.sort(order[start:start + size])
+        yield {"pixels": torch.from_numpy(pixels[rows]), "label": torch.from_numpy(labels[rows])}
+
+
+def make_step_model(cfg: dict[str, Any], base: str, device: Any) -> Any:
+    """What the loop trains: the fine-tuning Personalizer, or a pre-training phase (engine.pretrain)."""
+    spec = {**cfg["spec"], "base_folder": base, "class_names": tuple(cfg["spec"]["class_names"])}
+    if cfg.get("trainer", "personalize") == "pretrain":
+        from engine.models.pretrain import PretrainSpec, make_phase_trainer
+
+        return make_phase_trainer(PretrainSpec(**spec), device)
+    from engine.models.personalize import PersonalizeSpec, Personalizer
+
+    return Personalizer(PersonalizeSpec(**spec), device)
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -204,17 +248,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from engine.models.personalize import PersonalizeSpec, Personalizer
-
     _worker_logging()
     if cfg["cpu_threads"]:
         torch.set_num_threads(cfg["cpu_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage = Storage(**cfg["storage"])
-    base = cfg["base"].resolve(storage)
-    spec = PersonalizeSpec(**{**cfg["spec"], "base_folder": base, "class_names": tuple(cfg["spec"]["class_names"])})
-    p = Personalizer(spec, ray.train.torch.get_device())
+    p = make_step_model(cfg, cfg["base"].resolve(storage), ray.train.torch.get_device())
     total, log_every, ckpt_every = cfg["steps"], cfg["log_every"], cfg["checkpoint_every"]
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -227,13 +267,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
     resumed_from = step
     if world > 1:
         p.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
-    shard = ray.train.get_dataset_shard("train")
     progress = _Progress(step, history, world)
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
+    epoch = 0
     while step < total:
         epoch_steps = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg["worker_batch"], drop_last=True,
-                                              local_shuffle_buffer_size=cfg["shuffle_buffer"]):
+        for batch in _epoch_batches(cfg, rank, world, epoch):
             _maybe_inject_failure(cfg, step, rank, world)
             progress.add(p.step(batch["pixels"], batch["label"], p.generator(step_seed(cfg["seed"], rank, step))))
             step += 1
@@ -247,6 +286,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final)
             if final:
                 break
+        epoch += 1
         if epoch_steps == 0 and step < total:
             raise RuntimeError("an epoch of the train shard gave no full batch: dataset smaller than the batch")
     if step == resumed_from and step > 0:  # restored at the end already (e.g. the artifact was deleted)
@@ -315,7 +355,7 @@ def _write_artifact(checkpoint: Any, uri: str, storage: Storage,
             raise RuntimeError(f"latest checkpoint (step {progress['step']}) holds no adapter files")
         storage.remove(join(uri, ADAPTER_JSON))
         storage.remove(uri, recursive=True)
-        storage.upload_dir(os.path.join(folder, ADAPTER_SUBDIR), uri)
+        storage.upload_dir(os.path.join(folder, ARTIFACT_SUBDIR), uri)
     history = progress["history"]
     info = AdapterInfo(**info_fields, **progress["files"], steps=int(progress["step"]), uri=uri,
                        final_loss=history[-1][1] if history else None, loss_history=history)
@@ -331,6 +371,23 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, ray)}
+
+
+def make_loop_config(config: ExperimentConfig, spec: dict[str, Any], base: ModelRef, *, steps: int,
+                     batch_size: int, num_workers: int, log_every: int, checkpoint_every: int,
+                     cpus_per_worker: float, use_gpu: bool, trainer: str = "personalize", arrays: Any = None,
+                     fail_at_step: int | None = None, failure_marker: str = "") -> dict[str, Any]:
+    """The settings `train_loop` reads (plain values and a ModelRef: they are pickled to every worker)."""
+    return {
+        "trainer": trainer, "spec": spec, "base": base, "arrays": arrays,
+        "storage": {"storage_options": dict(config.storage.storage_options), "retries": config.storage.retries,
+                    "retry_wait_s": config.storage.retry_wait_s},
+        "steps": steps, "worker_batch": batch_size // num_workers, "seed": config.run.seed,
+        "log_every": log_every, "checkpoint_every": checkpoint_every, "fail_at_step": fail_at_step,
+        "failure_marker": failure_marker, "shuffle_buffer": max(4 * (batch_size // num_workers), 64),
+        # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
+        "cpu_threads": None if use_gpu else max(1, round(cpus_per_worker)),
+    }
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
@@ -360,17 +417,11 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     spec = {"strategy": ft.strategy, "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
             "max_grad_norm": ft.max_grad_norm, "mixed_precision": ft.mixed_precision}
-    loop_config = {
-        "spec": spec, "base": base_ref,
-        "storage": {"storage_options": dict(config.storage.storage_options), "retries": config.storage.retries,
-                    "retry_wait_s": config.storage.retry_wait_s},
-        "steps": ft.steps, "worker_batch": ft.batch_size // ft.num_workers, "seed": config.run.seed,
-        "log_every": ft.log_every, "checkpoint_every": ft.checkpoint_every, "fail_at_step": ft.fail_at_step,
-        "failure_marker": join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"),
-        "shuffle_buffer": max(4 * (ft.batch_size // ft.num_workers), 64),
-        # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
-        "cpu_threads": None if use_gpu else max(1, round(ft.cpus_per_worker)),
-    }
+    loop_config = make_loop_config(config, spec, base_ref, steps=ft.steps, batch_size=ft.batch_size,
+                                   num_workers=ft.num_workers, log_every=ft.log_every,
+                                   checkpoint_every=ft.checkpoint_every, cpus_per_worker=ft.cpus_per_worker,
+                                   use_gpu=use_gpu, fail_at_step=ft.fail_at_step,
+                                   failure_marker=join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"))
     dataset = build_dataset(ds.train, ds.num_classes, ft.resolution, ft.class_balanced, ft.random_flip,
                             config.run.seed)
     trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,
@@ -404,4 +455,4 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
 
 __all__ = ["FinetuneError", "artifact_uri", "balanced_rates", "balanced_repeat", "build_dataset", "preprocess",
-           "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]
+           "in_memory_data", "make_loop_config", "make_step_model", "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]

@@ -192,6 +192,7 @@ class StreamSettings:
     gamma: float = 0.5
     data_cpus: float = 1.0
     rows_per_task: int = 64
+    inline_rows: int = 0
 
 
 def real_batch(batch: pa.Table, counts: np.ndarray, settings: StreamSettings) -> dict[str, np.ndarray]:
@@ -325,6 +326,9 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     tasks = max(len(real), len(groups))
     tables = [pa.table({"blocks": [real[t:t + 1]], "files": [groups[t] if t < len(groups) else []]},
                        schema=_WORK_SCHEMA) for t in range(tasks)]
+    if len(share) <= settings.inline_rows:
+        return InlineEpoch(lambda: load_work(pa.concat_tables(tables), [b.ref for b in blocks], share.real_counts,
+                                             storage, selection.index, share.synthetic_counts, settings))
     return ray.data.from_arrow(tables).map_batches(
         load_work, batch_format="pyarrow", batch_size=None, num_cpus=settings.data_cpus,
         fn_kwargs={"blocks": [b.ref for b in blocks], "real_counts": share.real_counts, "storage": storage,
@@ -334,13 +338,42 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
 
 
 def eval_dataset(blocks: list[Block], rank: int, world: int, group_ids: list[int], resolution: int, crop: float,
-                 data_cpus: float = 1.0, rows_per_task: int = 64):
+                 data_cpus: float = 1.0, rows_per_task: int = 64, inline_rows: int = 0):
+    import ray
     import ray.data
 
+    if blocks and blocks[-1].end <= inline_rows:
+        def decode_all() -> dict[str, np.ndarray]:
+            table = pa.concat_tables([ray.get(b.ref) for b in blocks])
+            return eval_batch(table, rank, world, group_ids, resolution, crop)
+        return InlineEpoch(decode_all)
     return ray.data.from_arrow_refs([b.ref for b in blocks]).map_batches(
         eval_batch, batch_format="pyarrow", batch_size=rows_per_task, num_cpus=data_cpus,
         fn_kwargs={"rank": rank, "world": world, "group_ids": group_ids, "resolution": resolution, "crop": crop},
     )
+
+
+class InlineEpoch:
+    """A small epoch decoded in the train worker itself, behind the slice of the Ray Dataset API the loop uses.
+
+    Below `classify.inline_rows` rows a Ray Data stream's start-up (seconds per epoch) costs more than
+    decoding the rows; the rows, augmentations and targets are the same functions' output either way.
+    """
+
+    def __init__(self, load: Any) -> None:
+        self.load = load
+
+    def iter_torch_batches(self, batch_size: int, prefetch_batches: int = 0, device: str = "cpu",
+                           local_shuffle_buffer_size: int | None = None,
+                           local_shuffle_seed: int | None = None) -> Iterator[dict]:
+        import torch
+
+        columns = self.load()
+        n = len(next(iter(columns.values())))
+        order = np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size else np.arange(n)
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            yield {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in columns.items()}
 
 
 # --- one epoch of batches ----------------------------------------------------------------------

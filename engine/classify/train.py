@@ -196,7 +196,7 @@ def _evaluate(model, inputs: Inputs, cfg, rank: int, world: int, device, batch_s
 
     counts = EvalCounts.zeros(len(inputs.class_names), len(inputs.group_ids))
     ds = eval_dataset(inputs.test_blocks, rank, world, inputs.group_ids, cfg.resolution, cfg.eval_crop,
-                      cfg.data_cpus, cfg.rows_per_task)
+                      cfg.data_cpus, cfg.rows_per_task, cfg.inline_rows)
     model.eval()
     with torch.no_grad():
         for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
@@ -269,7 +269,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
                               hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
-                              rows_per_task=cfg.rows_per_task)
+                              rows_per_task=cfg.rows_per_task, inline_rows=cfg.inline_rows)
     mix_rng = np.random.default_rng([classifier_seed(config), rank, start_epoch, 0xC0C])
     throughput: list[float] = []
     last_eval: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """Turn a base-model spec into something `from_pretrained` accepts, and load it on the right device.
 
-Specs: "tiny" (built offline, cached per node), a local folder, any fsspec URI with a scheme
+Specs: "tiny" (built offline, cached per node), "builtin-digits" (a small SD pre-trained on the built-in
+digits, shipped in the package), a local folder, any fsspec URI with a scheme
 (`s3://...`, copied once per node into the cache) or a hub id (returned as is; needs a model hub).
 Loading happens in Ray actors' constructors, so device and dtype are picked there: fp16 on CUDA,
 fp32 on CPU.
@@ -52,6 +53,23 @@ class ModelRef:
     def resolve(self, storage: Storage | None = None) -> str:
         return resolve_model(self.spec, self.cache_dir, storage, kind=self.kind,  # type: ignore[arg-type]
                              tiny_seed=self.tiny_seed, resolution=self.resolution, extra_words=self.extra_words)
+
+
+# Models shipped inside the package (spec -> folder): trained by a repo config, small enough for git.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    # spec: (folder, the command that reproduces it)
+    "builtin-digits": (os.path.join(PRETRAINED_DIR, "digits-ldm"),
+                       "diffmix pretrain --config examples/pretrain_digits.yaml"),
+}
+
+
+def shipped_model(spec: str) -> str:
+    """The folder of a model that ships with the engine (e.g. the demo's `builtin-digits` SD)."""
+    folder, recipe = SHIPPED_MODELS[spec]
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ModelError(f"shipped model {spec!r} is missing from {folder}; rebuild it with `{recipe}`")
+    return folder
 
 
 def looks_like_path(spec: str) -> bool:
@@ -115,6 +133,8 @@ def resolve_model(spec: str, cache_dir: str, storage: Storage | None = None, kin
         folder = os.path.join(cache_dir, tiny_cache_name(kind, tiny_seed, resolution, words))
         build = build_tiny_sd if kind == "sd" else build_tiny_clip
         return build(folder, tiny_seed, resolution, words)
+    if spec in SHIPPED_MODELS and kind == "sd":
+        return shipped_model(spec)
     if _has_scheme(spec):
         return _copy_remote(spec, cache_dir, storage or Storage(), kind)
     local = os.path.abspath(os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec))

@@ -76,6 +76,44 @@ class Denoiser(nn.Module):
         return self.unet(noisy, timesteps, states).sample
 
 
+def to_unit_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 NCHW pixels -> [-1, 1], the range SD's VAE works in."""
+    return pixels.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0
+
+
+def denoising_loss(vae: nn.Module, scheduler: Any, model: nn.Module, pixels: torch.Tensor, input_ids: torch.Tensor,
+                   generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
+    """SD's training objective: encode, noise at a random timestep, predict the noise (or v) from the prompt ids.
+
+    Shared by fine-tuning (frozen base, adapters trained) and pre-training (whole UNet and text encoder).
+    """
+    device = input_ids.device
+    x = to_unit_range(pixels, device, weight_dtype)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if scheduler.config.prediction_type == "v_prediction" \
+        else noise
+    autocast = device.type == "cuda" and weight_dtype != torch.float32
+    with torch.autocast(device.type, dtype=weight_dtype, enabled=autocast):
+        pred = model(noisy, timesteps, input_ids)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[nn.Parameter], max_grad_norm: float) -> float:
+    """Backward (scaled when fp16), clip, step; returns the loss. The caller zeroed the grads before the forward."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
 def weight_dtype_for(device: torch.device, mixed_precision: str) -> torch.dtype:
     """Frozen weights in fp16/bf16 on CUDA; fp32 on CPU (half precision there is slow or unsupported)."""
     if mixed_precision not in _DTYPES:
@@ -153,33 +191,15 @@ class Personalizer:
     # --- training ----------------------------------------------------------------------------
     def loss(self, pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise-prediction MSE on a batch of uint8 NCHW images; noise and timesteps come from `generator`."""
-        x = pixels.to(self.device, non_blocking=True).to(self.weight_dtype) / 127.5 - 1.0
         labels = labels.to(self.device, non_blocking=True).long()
-        with torch.no_grad():
-            latents = self.vae.encode(x).latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=self.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        autocast = self.device.type == "cuda" and self.weight_dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=autocast):
-            pred = self.model(noisy, timesteps, self.input_ids[labels])
-        return F.mse_loss(pred.float(), target.float())
+        return denoising_loss(self.vae, self.scheduler, self.model, pixels, self.input_ids[labels], generator,
+                              self.weight_dtype)
 
     def step(self, pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
         """One optimizer step; returns the batch loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(pixels, labels, generator)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.spec.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return float(loss.detach())
+        return optimizer_step(loss, self.optimizer, self.scaler, self.trainable_parameters(), self.spec.max_grad_norm)
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -216,7 +236,7 @@ class Personalizer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def save_adapter_files(self, folder: str) -> dict[str, Any]:
+    def save_artifact_files(self, folder: str) -> dict[str, Any]:
         """Write the artifact's weight files into a local folder; returns their names for adapter.json."""
         out: dict[str, Any] = {"lora_file": None, "embedding_files": [], "lora_rank": None}
         if trains_lora(self.spec.strategy):
@@ -227,4 +247,4 @@ class Personalizer:
         return out
 
 
-__all__ = ["Denoiser", "LORA_TARGETS", "PersonalizeSpec", "Personalizer", "PlaceholderEmbeddings", "weight_dtype_for"]
+__all__ = ["Denoiser", "LORA_TARGETS", "denoising_loss", "optimizer_step", "to_unit_range", "PersonalizeSpec", "Personalizer", "PlaceholderEmbeddings", "weight_dtype_for"]

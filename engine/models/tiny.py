@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from engine.models.cache import build_once
@@ -67,6 +68,27 @@ def _write_marker(folder: str, marker: dict[str, Any]) -> None:
         json.dump(marker, fh, indent=1, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class SDArch:
+    """Sizes of a small SD: the defaults are the tiny test model; the pretrained demo model is bigger.
+
+    The VAE downsamples by 2 per block after the first (SD-1.5 has four blocks: 8x).
+    """
+
+    vae_blocks: tuple[int, ...] = (32, 64)
+    vae_norm_groups: int = 32
+    unet_blocks: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 2
+
+    @property
+    def latent_downsample(self) -> int:
+        return 2 ** (len(self.vae_blocks) - 1)
+
+
+TINY_ARCH = SDArch()
+
+
 def _text_config(vocab_size: int, tokenizer: Any) -> dict[str, Any]:
     """CLIP text tower settings; eos/bos/pad ids must be the tokenizer's (CLIP pools at eos)."""
     return dict(
@@ -77,7 +99,8 @@ def _text_config(vocab_size: int, tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def _make_sd(folder: str, seed: int, resolution: int, extra_words: Iterable[str]) -> None:
+def _make_sd(folder: str, seed: int, resolution: int, extra_words: Iterable[str],
+             arch: SDArch = TINY_ARCH) -> None:
     import torch
     from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
                            UNet2DConditionModel)
@@ -85,18 +108,20 @@ def _make_sd(folder: str, seed: int, resolution: int, extra_words: Iterable[str]
 
     os.makedirs(folder, exist_ok=True)
     tokenizer = save_clip_tokenizer(os.path.join(folder, "tokenizer"), extra_words)
-    latent_size = resolution // 2  # two VAE blocks: one 2x downsample
+    latent_size = resolution // arch.latent_downsample
+    n_up = len(arch.unet_blocks)
     unet = _seeded(seed, "unet", lambda: UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, norm_num_groups=32,
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=arch.layers_per_block,
+        block_out_channels=tuple(arch.unet_blocks),
+        down_block_types=("CrossAttnDownBlock2D",) * (n_up - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_up - 1), cross_attention_dim=32,
+        attention_head_dim=arch.attention_head_dim, norm_num_groups=32,
     ))
+    n_vae = len(arch.vae_blocks)
     vae = _seeded(seed, "vae", lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
-        norm_num_groups=32, sample_size=resolution,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(arch.vae_blocks),
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+        layers_per_block=1, norm_num_groups=arch.vae_norm_groups, sample_size=resolution,
     ))
     text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(
         CLIPTextConfig(**_text_config(len(tokenizer), tokenizer))))
@@ -110,6 +135,14 @@ def _make_sd(folder: str, seed: int, resolution: int, extra_words: Iterable[str]
     )
     with torch.no_grad():
         pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_untrained_sd(folder: str, arch: SDArch, seed: int, resolution: int, words: Iterable[str]) -> None:
+    """A randomly initialised SD folder of the given sizes (the starting point of `diffmix pretrain`)."""
+    if resolution % (8 * arch.latent_downsample):
+        raise ModelError(f"resolution {resolution} must be a multiple of {8 * arch.latent_downsample} for a "
+                         f"VAE with {len(arch.vae_blocks)} blocks")
+    _make_sd(folder, seed, resolution, words, arch)
 
 
 def _make_clip(folder: str, seed: int, image_size: int, extra_words: Iterable[str]) -> None:

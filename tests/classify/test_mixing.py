@@ -8,8 +8,11 @@ import os
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 from engine.classify.mixing import (
     NO_SYNTHETIC,
+    InlineEpoch,
     StreamSettings,
     SyntheticSelection,
     epoch_batches,
@@ -76,11 +79,11 @@ def test_worker_shares_are_equal_and_cover_the_epoch():
     assert one.synthetic_counts.sum() == plan.num_synthetic
 
 
-def run_epoch(digits, selection, p, epoch=1, storage=None, batch_size=16):
+def run_epoch(digits, selection, p, epoch=1, storage=None, batch_size=16, settings=SETTINGS):
     blocks = put_blocks(digits.train, 32)
     plan = epoch_plan(digits.train.num_rows, len(selection), p, seed=0, epoch=epoch)
     share = worker_share(plan, len(selection), 0, 1)
-    ds = epoch_dataset(blocks, selection, share, storage or Storage(), SETTINGS, np.random.default_rng(epoch))
+    ds = epoch_dataset(blocks, selection, share, storage or Storage(), settings, np.random.default_rng(epoch))
     batches = list(epoch_batches(share, ds, batch_size))
     return plan, share, batches
 
@@ -100,6 +103,31 @@ def test_epoch_stream_follows_the_plan(ray_session, tmp_path, digits):
     b = batches[0]
     assert b["x"].shape[1:] == (32, 32, 3) and b["x"].dtype.is_floating_point is False
     np.testing.assert_allclose(b["y"].sum(dim=1).numpy(), 1.0, atol=1e-6)
+
+
+def test_small_epochs_decoded_in_the_worker_hold_the_same_rows(ray_session, tmp_path, digits):
+    """Below classify.inline_rows the epoch skips Ray Data; the rows, targets and batch mix are the same."""
+    write_set(str(tmp_path / "syn"), digits)
+    selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, True, 0.4)
+    runs = {}
+    for inline_rows in (0, digits.train.num_rows):
+        settings = replace(SETTINGS, inline_rows=inline_rows)
+        blocks = put_blocks(digits.train, 32)
+        plan = epoch_plan(digits.train.num_rows, len(selection), 0.4, seed=0, epoch=3)
+        share = worker_share(plan, len(selection), 0, 1)
+        ds = epoch_dataset(blocks, selection, share, Storage(), settings, np.random.default_rng(3))
+        assert isinstance(ds, InlineEpoch) == bool(inline_rows)
+        batches = list(epoch_batches(share, ds, 16, seed=5))
+        assert [(int((b["index"] == -1).sum()), int((b["index"] != -1).sum())) for b in batches] == share.batch_mix(16)
+        rows = sorted((int(i), tuple(np.round(y, 5))) for b in batches for i, y in zip(b["index"].numpy(), b["y"].numpy()))
+        runs[inline_rows] = rows
+    assert runs[0] == runs[digits.train.num_rows]
+    labels = {}
+    for inline_rows in (0, 40):
+        ds = eval_dataset(put_blocks(digits.test.slice(0, 40), 16), 0, 1, [], 32, 0.875, inline_rows=inline_rows)
+        assert isinstance(ds, InlineEpoch) == bool(inline_rows)
+        labels[inline_rows] = sorted(int(v) for b in ds.iter_torch_batches(batch_size=8) for v in b["label"])
+    assert labels[0] == labels[40] == sorted(digits.test.slice(0, 40).column("label").to_pylist())
 
 
 def test_p_zero_reads_no_shard(ray_session, tmp_path, digits):
