@@ -279,7 +279,7 @@ class ClassifyConfig(Section):
     data_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data decode/augment task")
     prefetch_batches: int = Field(default=2, ge=0)
     rows_per_task: int = Field(default=64, ge=1, description="Images per Ray Data decode task (raise for small images)")
-    inline_rows: int = Field(default=1024, ge=0, description="Epochs/evals of at most this many rows per worker are "
+    inline_rows: int = Field(default=256, ge=0, description="Epochs/evals of at most this many rows per worker are "
                              "decoded in the train worker (a Ray Data stream's start-up costs more); 0: always stream")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in the run folder")
 

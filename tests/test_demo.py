@@ -1,0 +1,25 @@
+"""The demo's reading of its results against the paper's few-shot direction of effect (no Ray)."""
+from engine.config import load_config
+from engine.demo import DEMO_CONFIG, base_model_note, verdict
+from engine.report import ResultRow
+
+
+def _rows(**top1):
+    return [ResultRow(m, m, 0.3, 0.5, v) for m, v in top1.items()]
+
+
+def test_verdict_says_whether_the_order_holds_and_beats_the_seed_spread():
+    clear = verdict(_rows(**{"real-only": [0.60, 0.61, 0.62], "diff-aug": [0.70, 0.71, 0.72],
+                             "diff-mix": [0.80, 0.80, 0.81]}))
+    assert "reproduces it" in clear and "NOT" not in clear and "3 classifier seeds" in clear
+    noisy = verdict(_rows(**{"real-only": [0.60, 0.70], "diff-aug": [0.61, 0.71], "diff-mix": [0.62, 0.72]}))
+    assert "same order" in noisy and "within the seed-to-seed spread" in noisy
+    reversed_ = verdict(_rows(**{"real-only": [0.80, 0.81], "diff-aug": [0.70, 0.71], "diff-mix": [0.90, 0.91]}))
+    assert "does NOT reproduce" in reversed_ and "reversed" in reversed_
+    assert "Too few" in verdict(_rows(**{"real-only": [0.5]}))
+
+
+def test_base_model_note_reports_the_shipped_models_generation_check():
+    note = base_model_note(load_config(DEMO_CONFIG))
+    assert note is not None and "builtin-digits" in note and "chance 10%" in note
+    assert base_model_note(load_config(DEMO_CONFIG, ["model.base=tiny"])) is None
