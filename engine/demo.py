@@ -7,7 +7,6 @@ CLIP histogram). Every stage reuses finished work, so a rerun only redoes what i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -101,15 +100,12 @@ def verdict(rows: list[ResultRow]) -> str:
 def base_model_note(config: ExperimentConfig) -> str | None:
     """What the base model is, and how well it draws the classes, when it records that (pretrain.json)."""
     from engine.models.base import SHIPPED_MODELS
-    from engine.pretrain import PRETRAIN_JSON
+    from engine.pretrain import read_info
 
     spec = config.model.base
-    folder = SHIPPED_MODELS[spec][0] if spec in SHIPPED_MODELS else spec
-    path = os.path.join(folder, PRETRAIN_JSON)
-    if not os.path.isfile(path):
+    info = read_info(SHIPPED_MODELS[spec][0] if spec in SHIPPED_MODELS else spec, Storage.from_config(config))
+    if info is None:
         return None
-    with open(path, encoding="utf-8") as fh:
-        info = json.load(fh)
     check = info.get("check") or {}
     drawn = (f"; a classifier trained on real images only labels {100 * check['accuracy']:.0f}% of its "
              f"{check['samples']} plain-prompt samples as the prompted class (chance {100 * check['chance']:.0f}%)"

@@ -198,22 +198,21 @@ def _report(p: Any, step: int, progress: _Progress, metrics: dict[str, Any], ran
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def in_memory_data(train: pa.Table, resolution: int) -> Any:
-    """The train split decoded once into the object store: (uint8 [N, 3, R, R] pixels, labels).
+def decode_split(train: pa.Table, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split decoded and resized once: (uint8 [N, 3, R, R] pixels, int64 labels), no augmentation.
 
-    For small datasets trained many epochs without augmentation (pre-training), where a Ray Data
-    stream's per-iteration start-up and coordinator CPU would cost more than the decoding it saves.
+    Put in the object store as `make_loop_config(arrays=...)` for small datasets trained many epochs
+    (pre-training), where a Ray Data stream's per-iteration start-up and coordinator CPU would cost
+    more than the decoding it saves.
     """
-    import ray
-
     rng = np.random.default_rng(0)
     pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, False, rng)
                        for b in train.column("image").to_pylist()])
-    return ray.put((pixels, train.column("label").to_numpy().astype(np.int64)))
+    return pixels, train.column("label").to_numpy().astype(np.int64)
 
 
 def _epoch_batches(cfg: dict[str, Any], rank: int, world: int, epoch: int) -> Any:
-    """This worker's batches of one epoch: from the Ray Data shard, or from `in_memory_data` arrays."""
+    """This worker's batches of one epoch: from the Ray Data shard, or from `decode_split` arrays."""
     import ray
     import ray.train
     import torch
@@ -455,4 +454,4 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
 
 __all__ = ["FinetuneError", "artifact_uri", "balanced_rates", "balanced_repeat", "build_dataset", "preprocess",
-           "in_memory_data", "make_loop_config", "make_step_model", "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]
+           "decode_split", "make_loop_config", "make_step_model", "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]

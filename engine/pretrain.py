@@ -20,9 +20,11 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
-from engine.finetune import ARTIFACT_SUBDIR, PROGRESS_FILE, in_memory_data, make_loop_config, train_loop
+from engine.finetune import ARTIFACT_SUBDIR, PROGRESS_FILE, decode_split, make_loop_config, train_loop
 from engine.models.base import ModelRef
 from engine.models.tiny import SDArch, TINY_BUILDER_VERSION, build_untrained_sd
 from engine.ray_train import ensure_ray, make_trainer
@@ -95,7 +97,7 @@ def _build_init(uri: str, config: ExperimentConfig, ds: ImageDataset, storage: S
 
 
 def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: str, base_uri: str,
-           work: str, key: str, use_gpu: bool) -> tuple[str, list[list[float]]]:
+           work: str, key: str, use_gpu: bool, arrays: Any) -> tuple[str, list[list[float]]]:
     """One Ray Train run of the shared loop: (local temp folder holding the phase's SD folder, loss history)."""
     pt = config.pretrain
     vae = phase == "vae"
@@ -110,7 +112,7 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     loop_config = make_loop_config(config, spec, base, trainer="pretrain", steps=steps, batch_size=pt.batch_size,
                                    num_workers=pt.num_workers, log_every=pt.log_every,
                                    checkpoint_every=pt.checkpoint_every, cpus_per_worker=pt.cpus_per_worker,
-                                   use_gpu=use_gpu, arrays=in_memory_data(ds.train, pt.resolution))
+                                   use_gpu=use_gpu, arrays=arrays)
     name = f"pt-{phase}-{key}"
     trainer = make_trainer(train_loop, loop_config, name=name, uri=join(work, "ray"), storage=storage,
                            num_workers=pt.num_workers, gpu=use_gpu, cpus_per_worker=pt.cpus_per_worker,
@@ -131,21 +133,16 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     return local, progress["history"]
 
 
-def set_latent_scale(folder: str, ds: ImageDataset, resolution: int, seed: int) -> float:
+def set_latent_scale(folder: str, pixels: np.ndarray, seed: int) -> float:
     """SD's `scaling_factor` = 1 / std of the train set's latents, so diffused latents have unit variance."""
-    import numpy as np
     import torch
     from diffusers import AutoencoderKL
 
-    from engine.finetune import random_crop_flip
-    from engine.data import decode
+    from engine.models.personalize import to_unit_range
 
     vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
-    rng = np.random.default_rng(seed)
-    pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, False, rng)
-                       for b in ds.train.column("image").to_pylist()])
     with torch.no_grad():
-        x = torch.from_numpy(pixels).float() / 127.5 - 1.0
+        x = to_unit_range(torch.from_numpy(pixels), torch.device("cpu"), torch.float32)
         gen = torch.Generator().manual_seed(seed)
         latents = torch.cat([vae.encode(c).latent_dist.sample(generator=gen) for c in x.split(256)])
     scale = float(1.0 / latents.std())
@@ -189,7 +186,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     storage = Storage.from_config(config)
     ds = load_dataset(config, storage, apply_subset=False)
     validate_inputs(config, ds)
-    key = run_key(config, ds.fingerprint())
+    fingerprint = ds.fingerprint()
+    key = run_key(config, fingerprint)
     out = output_uri(config)
     done = read_info(out, storage)
     if done is not None and done.get("key") == key:
@@ -200,23 +198,27 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                     done.get("key"))
 
     ensure_ray()
+    import ray
+
     use_gpu = cluster_has_gpu(pt.use_gpu)
+    pixels, labels = decode_split(ds.train, pt.resolution)  # once: both phases and the latent scale use it
+    arrays = ray.put((pixels, labels))
     work = join(config.run.uri, "pretrain", key)
     init_uri, vae_uri = join(work, "init"), join(work, "vae")
     _build_init(init_uri, config, ds, storage)
     if not storage.exists(join(vae_uri, "model_index.json")):
-        local, _ = _phase(config, ds, storage, "vae", init_uri, work, key, use_gpu)
-        scale = set_latent_scale(local, ds, pt.resolution, config.run.seed)
+        local, _ = _phase(config, ds, storage, "vae", init_uri, work, key, use_gpu, arrays)
+        scale = set_latent_scale(local, pixels, config.run.seed)
         log.info("VAE trained; latent scaling factor %.4f", scale)
         storage.upload_dir(local, vae_uri)
         shutil.rmtree(local, ignore_errors=True)
-    local, history = _phase(config, ds, storage, "denoiser", vae_uri, work, key, use_gpu)
+    local, history = _phase(config, ds, storage, "denoiser", vae_uri, work, key, use_gpu, arrays)
     cast_weights(local, pt.save_dtype)
     check = None
     if pt.eval_per_class:
         check = check_generation(local, ds.train, ds.class_names, ds.metaclass, pt.eval_per_class, pt.eval_steps,
                                  pt.eval_guidance, config.run.seed, pt.resolution).as_dict()
-    info = {"key": key, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "train_rows": ds.train.num_rows,
+    info = {"key": key, "dataset": ds.name, "dataset_fingerprint": fingerprint, "train_rows": ds.train.num_rows,
             "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "pretrain": pt.model_dump(mode="json"), "seed": config.run.seed,
             "final_loss": history[-1][1] if history else None, "loss_history": history, "check": check,
