@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    os.makedirs(args.out, exist_ok=True)  # the benchmarks keep their scratch folders under it
     rows: list[Row] = []
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         rows.extend(module.run(args))
         print(format_table(rows), flush=True)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump([r.as_dict() for r in rows], fh, indent=2)
     print(f"\nresults: {os.path.join(args.out, 'results.json')}")

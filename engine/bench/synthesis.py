@@ -91,21 +91,25 @@ def driver_main(argv: list[str]) -> int:
     from engine.config import load_config
     from engine.synthesis import run as synthesize
 
-    setup_logging("WARNING")
+    setup_logging("INFO")  # stderr is kept (run_driver log_file) or shown on failure: progress lines help
     summary = synthesize(load_config(None, argv))
     summary["peak_rss_mb"] = peak_rss_mb()
     print("BENCH " + json.dumps(summary), flush=True)
     return 0
 
 
-def run_driver(out: str, cache: str, multiplier: float) -> dict[str, Any]:
+def run_driver(argv: list[str], timeout_s: float = 900, log_file: str | None = None) -> dict[str, Any]:
+    """One `diffmix synthesize` run in a fresh driver process (config overrides `argv`); its summary.
+    `log_file` keeps the driver's stderr (Ray Data's progress and operator stats) for a look afterwards."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray: the driver measured is this process alone
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cmd = [sys.executable, "-m", "engine.bench.synthesis", "--driver", *overrides(out, cache, multiplier),
-           *stream_overrides()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "engine.bench.synthesis", "--driver", *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if log_file:
+        with open(log_file, "w") as fh:
+            fh.write(proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"synthesis driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -186,9 +190,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     load = {"loops": wait_calm()}
     base = loops(os.path.join(work, "loops"), cache, 10)
     load["m10"] = wait_calm()
-    big = run_driver(os.path.join(work, "m10"), cache, 10)
+    big = run_driver(overrides(os.path.join(work, "m10"), cache, 10) + stream_overrides())
     load["m1"] = wait_calm()
-    small = run_driver(os.path.join(work, "m1"), cache, 1)
+    small = run_driver(overrides(os.path.join(work, "m1"), cache, 1) + stream_overrides())
     log.info("1-min load average at the start of each measurement: %s", load)
     steady = big["steady_images_per_s"] or big["images_per_s"]
     device = f"cpu x{os.cpu_count()} (load {load['loops']:.1f}/{load['m10']:.1f}/{load['m1']:.1f})"

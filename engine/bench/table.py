@@ -16,6 +16,12 @@ class Row:
     ok: bool | None = None       # whether the target holds
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        # measurements often arrive as numpy scalars (np.float64, np.bool_), which json cannot write
+        self.value = float(self.value)
+        self.ratio = None if self.ratio is None else float(self.ratio)
+        self.ok = None if self.ok is None else bool(self.ok)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
