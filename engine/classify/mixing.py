@@ -195,20 +195,22 @@ class StreamSettings:
     inline_rows: int = 0
 
 
-def real_batch(batch: pa.Table, counts: np.ndarray, settings: StreamSettings) -> dict[str, np.ndarray]:
-    """Kept real rows (each as often as the plan uses it): augmented images, one-hot targets."""
+def real_batch(batch: pa.Table, counts: np.ndarray, settings: StreamSettings,
+               rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Kept real rows (each as often as the plan uses it): augmented images (crops and flips drawn
+    from `rng`), one-hot targets."""
     take = _repeat(counts[batch.column("pos").to_numpy()])
     if take.size == 0:
         return _empty(settings.resolution, settings.num_classes)
     rows = batch.take(pa.array(take))
     x = train_images(rows.column("image").to_pylist(), settings.resolution, settings.scale_min, settings.hflip,
-                     np.random.default_rng(), sources=rows.column("id").to_pylist())
+                     rng, sources=rows.column("id").to_pylist())
     return {"x": x, "y": one_hot(rows.column("label").to_numpy(), settings.num_classes),
             "index": np.full(len(take), NO_SYNTHETIC, np.int64)}
 
 
 def synthetic_batch(batch: pa.Table, selected_index: np.ndarray, counts: np.ndarray,
-                    settings: StreamSettings) -> dict[str, np.ndarray]:
+                    settings: StreamSettings, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Drawn synthetic rows (each as often as drawn): augmented images, soft targets computed here."""
     index = batch.column("index").to_numpy()
     if len(selected_index) == 0 or len(index) == 0:
@@ -219,7 +221,7 @@ def synthetic_batch(batch: pa.Table, selected_index: np.ndarray, counts: np.ndar
         return _empty(settings.resolution, settings.num_classes)
     rows = batch.take(pa.array(take))
     x = train_images(rows.column("image").to_pylist(), settings.resolution, settings.scale_min, settings.hflip,
-                     np.random.default_rng(), sources=[f"synthetic row {i}" for i in rows.column("index").to_pylist()])
+                     rng, sources=[f"synthetic row {i}" for i in rows.column("index").to_pylist()])
     y = synthetic_targets(rows.column("strategy").to_pylist(), rows.column("ref_label").to_pylist(),
                           rows.column("target_label").to_pylist(), rows.column("strength").to_pylist(),
                           settings.gamma, settings.num_classes)
@@ -244,7 +246,8 @@ def read_shards(files: list[str], storage: Storage, wanted: np.ndarray, max_para
     return pa.concat_tables(parts)
 
 
-_WORK_SCHEMA = pa.schema([("blocks", pa.list_(pa.int64())), ("files", pa.list_(pa.string()))])
+# one row per task: its real blocks, its shard files, and the seed of its augmentations
+_WORK_SCHEMA = pa.schema([("blocks", pa.list_(pa.int64())), ("files", pa.list_(pa.string())), ("seed", pa.int64())])
 
 
 def load_work(items: pa.Table, blocks: list[Any], real_counts: np.ndarray, storage: Storage,
@@ -253,21 +256,25 @@ def load_work(items: pa.Table, blocks: list[Any], real_counts: np.ndarray, stora
     """One task: real blocks (from the object store) and shard files (from storage), decoded and labelled.
 
     The shard GETs start first and run while the real block decodes, so their latency is hidden.
+    Augmentations draw from the task's own seed (from the epoch's generator), so a config gives the same
+    crops and flips wherever and in whatever order its tasks run.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
     wanted = selected_index[synthetic_counts > 0] if len(selected_index) else np.zeros(0, np.int64)
-    work = list(zip(items.column("blocks").to_pylist(), items.column("files").to_pylist()))
+    work = list(zip(items.column("blocks").to_pylist(), items.column("files").to_pylist(),
+                    items.column("seed").to_pylist()))
     outs = []
     with ThreadPoolExecutor(max_workers=1) as fetcher:
-        fetches = [fetcher.submit(read_shards, files, storage, wanted) if files else None for _, files in work]
-        for (block_ids, _), fetch in zip(work, fetches):
+        fetches = [fetcher.submit(read_shards, files, storage, wanted) if files else None for _, files, _ in work]
+        for (block_ids, _, seed), fetch in zip(work, fetches):
+            rng = np.random.default_rng(seed)
             for b in block_ids:
-                outs.append(real_batch(ray.get(blocks[b]), real_counts, settings))
+                outs.append(real_batch(ray.get(blocks[b]), real_counts, settings, rng))
             if fetch is not None:
-                outs.append(synthetic_batch(fetch.result(), selected_index, synthetic_counts, settings))
+                outs.append(synthetic_batch(fetch.result(), selected_index, synthetic_counts, settings, rng))
     outs = [o for o in outs if len(o["x"])]
     if not outs:
         return _empty(settings.resolution, settings.num_classes)
@@ -324,8 +331,9 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     drawn_rows = int(share.synthetic_counts.sum())
     groups = synthetic_groups(selection, share, max(len(real), -(-drawn_rows // settings.rows_per_task)), rng)
     tasks = max(len(real), len(groups))
-    tables = [pa.table({"blocks": [real[t:t + 1]], "files": [groups[t] if t < len(groups) else []]},
-                       schema=_WORK_SCHEMA) for t in range(tasks)]
+    seeds = rng.integers(0, 2**62, size=tasks)
+    tables = [pa.table({"blocks": [real[t:t + 1]], "files": [groups[t] if t < len(groups) else []],
+                        "seed": [int(seeds[t])]}, schema=_WORK_SCHEMA) for t in range(tasks)]
     if len(share) <= settings.inline_rows:
         return InlineEpoch(lambda: load_work(pa.concat_tables(tables), [b.ref for b in blocks], share.real_counts,
                                              storage, selection.index, share.synthetic_counts, settings))

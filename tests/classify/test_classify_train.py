@@ -69,3 +69,20 @@ def test_run_rejects_a_synthetic_set_with_other_classes(ray_session, tmp_path):
                                  "dataset.subset.kind=few_shot", "dataset.subset.shots=2"])
     with pytest.raises(ShardError, match="set classify.synthetic"):
         run(missing)
+
+
+def test_same_config_trains_the_same_classifier(ray_session, tmp_path):
+    """Seeds flow from the config: model init, the replacement plan, crops/flips and batch order, so two
+    runs of one config (small epochs, decoded in the worker) report the same loss and accuracy."""
+    base = load_config(None, [f"run.output={tmp_path}", "dataset.subset.kind=few_shot", "dataset.subset.shots=5"])
+    digits = load_dataset(base)
+    syn = str(tmp_path / "syn")
+    write_synthetic_set(syn, Storage(), digits.class_names, digits.train.column("image").to_pylist(),
+                        digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=50)
+    config = load_config(None, [f"run.output={tmp_path}", *FAST, "dataset.subset.kind=few_shot",
+                                "dataset.subset.shots=5", "classify.epochs=2", "classify.eval_every=2",
+                                "classify.p=0.5", f"classify.synthetic={syn}", "classify.hflip=true"])
+    inputs = prepare_inputs(config, load_dataset(config))
+    first, second = (fit(config, inputs, output=str(tmp_path / name))["metrics"] for name in ("a", "b"))
+    assert first["synthetic_rows"] > 0
+    assert {k: first[k] for k in ("train_loss", "top1")} == {k: second[k] for k in ("train_loss", "top1")}

@@ -119,15 +119,36 @@ def test_small_epochs_decoded_in_the_worker_hold_the_same_rows(ray_session, tmp_
         assert isinstance(ds, InlineEpoch) == bool(inline_rows)
         batches = list(epoch_batches(share, ds, 16, seed=5))
         assert [(int((b["index"] == -1).sum()), int((b["index"] != -1).sum())) for b in batches] == share.batch_mix(16)
-        rows = sorted((int(i), tuple(np.round(y, 5))) for b in batches for i, y in zip(b["index"].numpy(), b["y"].numpy()))
+        rows = sorted((int(i), tuple(np.round(y, 5)), x.tobytes())
+                      for b in batches for i, y, x in zip(b["index"].numpy(), b["y"].numpy(), b["x"].numpy()))
         runs[inline_rows] = rows
-    assert runs[0] == runs[digits.train.num_rows]
+    assert runs[0] == runs[digits.train.num_rows]   # same rows, targets and augmented pixels
     labels = {}
     for inline_rows in (0, 40):
         ds = eval_dataset(put_blocks(digits.test.slice(0, 40), 16), 0, 1, [], 32, 0.875, inline_rows=inline_rows)
         assert isinstance(ds, InlineEpoch) == bool(inline_rows)
         labels[inline_rows] = sorted(int(v) for b in ds.iter_torch_batches(batch_size=8) for v in b["label"])
     assert labels[0] == labels[40] == sorted(digits.test.slice(0, 40).column("label").to_pylist())
+
+
+def test_augmentations_follow_the_epoch_seed(ray_session, tmp_path, digits):
+    """Crops come from the epoch's generator (per-task seeds): the same seed gives the same pixels through
+    the Ray Data stream, in whatever order its tasks finish; another seed gives other crops."""
+    write_set(str(tmp_path / "syn"), digits)
+    selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, True, 0.4)
+    blocks = put_blocks(digits.train, 32)
+    share = worker_share(epoch_plan(digits.train.num_rows, len(selection), 0.4, seed=0, epoch=1), len(selection), 0, 1)
+
+    def pixels(seed: int) -> list[tuple[int, bytes]]:
+        ds = epoch_dataset(blocks, selection, share, Storage(), SETTINGS, np.random.default_rng(seed))
+        return sorted((int(i), x.tobytes()) for b in epoch_batches(share, ds, 16, seed=5)
+                      for i, x in zip(b["index"].numpy(), b["x"].numpy()))
+
+    first = pixels(7)
+    assert pixels(7) == first
+    other = pixels(8)
+    assert [i for i, _ in other] == [i for i, _ in first]             # the same rows ...
+    assert other != first                                             # ... cropped differently
 
 
 def test_p_zero_reads_no_shard(ray_session, tmp_path, digits):
