@@ -17,7 +17,7 @@ from engine.config import ExperimentConfig, load_config
 from engine.data import load_dataset
 from engine.data.shards import SyntheticSet
 from engine.pipeline import run_stage, with_overrides
-from engine.ray_train import local_train_env
+from engine.ray_local import ensure_ray
 from engine.report import ReportInputs, ResultRow, StageTiming, write_report
 from engine.storage import Storage, join
 
@@ -32,13 +32,10 @@ def start_local_ray() -> None:
     """A local Ray sized for a laptop (logical CPUs above the core count let fractional tasks pack)."""
     import ray
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    local_train_env()
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=512 * 1024 * 1024,
-             include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ensure_ray(min_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+                  configure_logging=False):
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def synthetic_sets(config: ExperimentConfig, methods: list[str], adapter: str | None) -> dict[str, dict[str, Any]]:

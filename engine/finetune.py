@@ -29,7 +29,8 @@ from engine.data import ImageDataset, decode, load_dataset
 from engine.models.base import ModelRef
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
-from engine.ray_train import ensure_ray, make_trainer
+from engine.ray_local import ensure_ray
+from engine.ray_train import make_trainer
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, join, redact
 

@@ -27,7 +27,8 @@ from engine.data import ImageDataset, load_dataset
 from engine.finetune import ARTIFACT_SUBDIR, PROGRESS_FILE, decode_split, make_loop_config, train_loop
 from engine.models.base import ModelRef
 from engine.models.tiny import SDArch, TINY_BUILDER_VERSION, build_untrained_sd
-from engine.ray_train import ensure_ray, make_trainer
+from engine.ray_local import ensure_ray
+from engine.ray_train import make_trainer
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 

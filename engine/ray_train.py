@@ -12,26 +12,6 @@ from typing import Any, Callable, Sequence
 from engine.storage import Storage, is_local
 
 
-# Ray Train's controller polls each worker every 2 s by default and every report() waits for the poll,
-# which dominates small local runs (epochs of a second); a local cluster started here polls faster.
-LOCAL_TRAIN_POLL_S = "0.1"
-
-
-def local_train_env() -> None:
-    """Set before a local Ray starts (its processes inherit the environment); a user's value wins."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            local_train_env()
-        ray.init()
-
-
 def use_gpu(requested: bool | None) -> bool:
     """The config's choice, else GPUs whenever the cluster has one."""
     import ray

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Ray Train's controller polls workers every 2 s and each report() waits for that poll; tests' epochs
-# and steps take far less, so poll often (engine.ray_train.LOCAL_TRAIN_POLL_S, as the demo does).
+# and steps take far less, so poll often (engine.ray_local.LOCAL_TRAIN_POLL_S, as the demo does).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 from engine.testing.s3server import CLIENT_ENV, free_port, start_s3_server  # noqa: E402

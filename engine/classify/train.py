@@ -37,7 +37,8 @@ from engine.classify.mixing import (
 from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
 from engine.data.shards import MANIFEST, ShardError
-from engine.ray_train import ensure_ray, make_trainer
+from engine.ray_local import ensure_ray
+from engine.ray_train import make_trainer
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 

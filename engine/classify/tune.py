@@ -16,7 +16,7 @@ import math
 from typing import Any, Callable
 
 from engine.classify.train import Inputs, absolute, fit, prepare_inputs
-from engine.ray_train import ensure_ray
+from engine.ray_local import ensure_ray
 from engine.config import ExperimentConfig, validate
 from engine.storage import Storage, is_local, join, redact
 

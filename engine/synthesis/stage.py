@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import time
@@ -20,7 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from engine import ray_local
 from engine.config import ExperimentConfig
+from engine.ray_local import joins_cluster
 from engine.data import ImageDataset, load_dataset
 from engine.data.shards import MANIFEST
 from engine.storage import Storage, join, redact
@@ -177,12 +178,6 @@ def resource_needs(config: ExperimentConfig) -> dict[str, float]:
     }
 
 
-def joins_cluster() -> bool:
-    import ray
-
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
-
-
 def visible_gpus() -> int:
     """NVIDIA GPUs this process may use, without importing torch (~0.5 GB of driver memory)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -217,20 +212,14 @@ def ensure_ray(config: ExperimentConfig) -> None:
     import ray
 
     needs = resource_needs(config)
-    if joins_cluster():
-        if not ray.is_initialized():
-            ray.init()
+    check_local_gpus(config)
+    if not ray_local.ensure_ray(min_cpus=needs["CPU"]):
         have = ray.cluster_resources()
         short = {k: v for k, v in needs.items() if v > have.get(k, 0.0) + 1e-9}
         if short:
             log.warning("the Ray cluster has %s now but synthesis needs at least %s: waiting for the autoscaler "
                         "(lower synthesis.min_actors / cpus_per_actor / cpus_per_task / num_gpus_per_actor "
                         "if none is coming)", {k: have.get(k, 0.0) for k in needs}, needs)
-        return
-    check_local_gpus(config)
-    cpus = max(os.cpu_count() or 1, math.ceil(needs["CPU"]))  # logical CPUs: the stages overlap on few cores
-    log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
-    ray.init(num_cpus=cpus)
 
 
 class Progress:
