@@ -130,20 +130,13 @@ def naive_rate(pipe: Any, rows: int) -> float:
     return rows / (time.perf_counter() - t)
 
 
-def stream_overrides(out: str, cache: str, model: str, batch: int, rows: int) -> list[str]:
-    """The stream's plan: built-in digits (2 shots per class, 20 train images) upscaled to 512 px as
-    references, real-mix (base model, no adapter) so no fine-tune is needed, one Translator on the GPU.
-    One batch per file: many files, so the steady rate (after the first file) is read over most of the run."""
-    return [
-        f"run.output={out}", f"model.cache_dir={cache}", f"model.base={model}", f"model.resolution={SIZE}",
-        "dataset.subset.kind=few_shot", "dataset.subset.shots=2",
-        "synthesis.strategy=real-mix", f"synthesis.multiplier={rows / 20}",
-        f"synthesis.strengths=[{', '.join(map(str, STRENGTHS))}]", f"synthesis.num_inference_steps={STEPS}",
-        f"synthesis.guidance_scale={GUIDANCE}", f"synthesis.resolution={SIZE}", "synthesis.num_gpus_per_actor=1",
-        "synthesis.min_actors=1", "synthesis.max_actors=1", f"synthesis.batch_size={batch}",
-        f"synthesis.strength_run={batch}", f"synthesis.rows_per_file={batch}", "synthesis.clip_batch_size=32",
-        "synthesis.clip_actors=2", "synthesis.log_every_s=10",
-    ]
+def gpu_stream_overrides(out: str, cache: str, model: str, batch: int, rows: int) -> list[str]:
+    """The CPU benchmark's plan (engine.bench.synthesis.overrides: digits references, here upscaled to
+    512 px) on the SD-1.5-sized folder `model`, one Translator actor holding the GPU."""
+    from engine.bench.synthesis import overrides
+
+    return [*overrides(out, cache, rows / 20, resolution=SIZE, batch=batch, clip_batch=32, gpus_per_actor=1),
+            f"model.base={model}", "synthesis.min_actors=1", "synthesis.max_actors=1", "synthesis.clip_actors=2"]
 
 
 def stream_summary(pipe: Any, work: str, batch: int, rows: int) -> dict[str, Any]:
@@ -157,7 +150,7 @@ def stream_summary(pipe: Any, work: str, batch: int, rows: int) -> dict[str, Any
         pipe.save_pretrained(model)
     torch.cuda.empty_cache()  # hand this process's cached blocks back before the actor loads its copy
     out = os.path.join(work, f"stream-b{batch}")
-    return run_driver(stream_overrides(out, os.path.join(work, "cache"), model, batch, rows), timeout_s=600,
+    return run_driver(gpu_stream_overrides(out, os.path.join(work, "cache"), model, batch, rows), timeout_s=600,
                       log_file=os.path.join(work, f"stream-b{batch}.log"))
 
 

@@ -21,7 +21,6 @@ import pyarrow as pa
 
 from engine import ray_local
 from engine.config import ExperimentConfig
-from engine.ray_local import joins_cluster
 from engine.data import ImageDataset, load_dataset
 from engine.data.shards import MANIFEST
 from engine.storage import Storage, join, redact
@@ -192,7 +191,7 @@ def visible_gpus() -> int:
 def check_local_gpus(config: ExperimentConfig) -> None:
     """Before anything is written: a local run asking for more GPUs than the machine has fails now."""
     needs = resource_needs(config)
-    if needs["GPU"] <= 0 or joins_cluster():
+    if needs["GPU"] <= 0 or ray_local.joins_cluster():
         return
     gpus = visible_gpus()
     if needs["GPU"] > gpus:
