@@ -27,6 +27,17 @@ STAGES: dict[str, str] = {
 }
 
 
+# stage name -> "module:function" returning the stage's engine.ray_local.Needs (what it holds at once), so
+# whatever runs several stages in one Ray instance can size it for the largest
+NEEDS: dict[str, str] = {
+    "pretrain": "engine.pretrain:resource_needs",
+    "finetune": "engine.finetune:resource_needs",
+    "synthesize": "engine.synthesis.stage:resource_needs",
+    "classify": "engine.classify.train:resource_needs",
+    "sweep": "engine.classify.tune:sweep_needs",
+}
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -40,6 +51,12 @@ def setup_logging(level: str = "INFO") -> None:
 def resolve_stage(name: str) -> Callable[[ExperimentConfig], Any]:
     module_name, func = STAGES[name].split(":")
     return getattr(importlib.import_module(module_name), func)
+
+
+def stage_needs(name: str, config: ExperimentConfig) -> Any:
+    """The named stage's resource needs for `config` (an engine.ray_local.Needs)."""
+    module_name, func = NEEDS[name].split(":")
+    return getattr(importlib.import_module(module_name), func)(config)
 
 
 def build_parser(stages: list[str] | None = None) -> argparse.ArgumentParser:

@@ -34,12 +34,31 @@ class RunConfig(Section):
         return self.output.rstrip("/") + "/" + self.name
 
 
+class ClusterConfig(Section):
+    """How a job behaves on its Ray cluster (never changes a result, so no output hash includes it)."""
+
+    wait_for_nodes: bool = Field(default=False, description="A cluster without an autoscaler that cannot hold a "
+                                 "stage is an error, unless nodes will be added by hand (true)")
+    stall_warn_s: float = Field(default=300.0, gt=0, description="Warn when Ray requests wait this long for "
+                                "resources, or nothing commits this long before the first commit")
+    stall_warn_factor: float = Field(default=5.0, ge=1, description="Warn when nothing commits for this many "
+                                     "times the usual interval between commits")
+
+
 class StorageConfig(Section):
-    """fsspec `storage_options` (e.g. endpoint_url for S3); credentials belong in the environment."""
+    """fsspec `storage_options` (e.g. endpoint_url for S3); credentials belong in the environment.
+
+    Every storage call is bounded: sockets give up after the timeouts, failures are retried with backoff,
+    and a call still failing or hanging after `max_stall_s` (all attempts) is an error naming the URI.
+    """
 
     storage_options: dict[str, Any] = Field(default_factory=dict)
     retries: int = Field(default=3, ge=0, le=20)
     retry_wait_s: float = Field(default=0.5, ge=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="S3: seconds to open a connection")
+    read_timeout_s: float = Field(default=60.0, gt=0, description="S3: seconds without a byte from the server")
+    max_stall_s: float = Field(default=300.0, gt=0, description="A call (all attempts) that has not succeeded "
+                               "after this long fails; big transfers get 1 s more per MiB")
 
 
 class SubsetConfig(Section):
@@ -165,6 +184,10 @@ class FinetuneConfig(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     random_flip: bool = True
     keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept in storage")
+    data_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data decode task")
+    rows_per_task: int = Field(default=64, ge=1, description="Images per Ray Data decode task (whole batches)")
+    inline_rows: int = Field(default=256, ge=0, description="Epochs of at most this many rows per worker are decoded "
+                             "in the train worker (a Ray Data stream's start-up costs more); 0: always stream")
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "FinetuneConfig":
@@ -378,6 +401,7 @@ class DemoConfig(Section):
 
 class ExperimentConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

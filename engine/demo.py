@@ -16,8 +16,7 @@ from engine.cli import setup_logging
 from engine.config import ExperimentConfig, load_config
 from engine.data import load_dataset
 from engine.data.shards import SyntheticSet
-from engine.pipeline import run_stage, with_overrides
-from engine.ray_local import ensure_ray
+from engine.pipeline import run_stage, start_ray_for, with_overrides
 from engine.report import ReportInputs, ResultRow, StageTiming, write_report
 from engine.storage import Storage, join
 
@@ -28,13 +27,14 @@ DEMO_CONFIG = os.path.join(REPO, "examples", "demo.yaml")
 EXPECTED_ORDER = ("diff-mix", "diff-aug", "real-only")
 
 
-def start_local_ray() -> None:
-    """A local Ray sized for a laptop (logical CPUs above the core count let fractional tasks pack)."""
+def start_local_ray(config: ExperimentConfig) -> None:
+    """A local Ray sized for every stage the demo runs, at least 4 logical CPUs on a laptop (more than the
+    cores let fractional tasks pack)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ensure_ray(min_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-                  configure_logging=False):
+    if start_ray_for(config, ["finetune", "synthesize", "classify"], "the demo", min_cpus=4,
+                     object_store_memory=512 * 1024 * 1024, include_dashboard=False, configure_logging=False):
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -129,7 +129,7 @@ def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], ru
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
-    start_local_ray()
+    start_local_ray(config)
     storage = Storage.from_config(config)
     methods = list(config.demo.methods)
     dataset = load_dataset(config, storage)

@@ -10,15 +10,15 @@ a run with the same storage path and name).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,16 +26,17 @@ from PIL import Image
 
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, decode, load_dataset
+from engine.data.epochs import (InlineEpoch, WorkerBatches, balanced_copies, cached_get, epoch_order, locate, ordered,
+                                worker_batches)
 from engine.models.base import ModelRef
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
 from engine.ray_local import ensure_ray
-from engine.ray_train import make_trainer
+from engine.rates import rate
+from engine.ray_local import Needs
+from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, join, redact
-
-if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ PROGRESS_FILE = "progress.json"
 ARTIFACT_SUBDIR = "artifact"  # in the final checkpoint: what the step model saves
 # FinetuneConfig fields that change how a run executes, not what it produces: not part of the run key.
 OPERATIONAL_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every",
-                      "max_failures", "output", "fail_at_step", "keep_checkpoints"}
+                      "max_failures", "output", "fail_at_step", "keep_checkpoints", "data_cpus", "rows_per_task",
+                      "inline_rows"}
 
 
 class FinetuneError(ValueError):
@@ -52,21 +54,8 @@ class FinetuneError(ValueError):
 
 
 # --- data ----------------------------------------------------------------------------------------
-
-def balanced_rates(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Expected copies per row so that each class fills 1/C of an epoch: sampling weight ~ 1/n_class."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    per_class = len(labels) / num_classes
-    return np.where(counts > 0, per_class / np.maximum(counts, 1), 0.0)
-
-
-def balanced_repeat(batch: pa.Table, rates: list[float]) -> pa.Table:
-    """Repeat each row floor(r) or ceil(r) times (expectation r = its class rate), fresh every epoch."""
-    rng = np.random.default_rng()
-    r = np.asarray(rates, dtype=np.float64)[batch.column("label").to_numpy()]
-    copies = np.floor(r).astype(np.int64) + (rng.random(len(r)) < (r - np.floor(r)))
-    return batch.take(pa.array(np.repeat(np.arange(len(r)), copies), type=pa.int64()))
-
+# Each epoch's rows, order, per-worker batches and augmentation seeds come from (run.seed, epoch)
+# (engine.data.epochs); a batch decodes the same wherever it runs, so a config trains the same adapter.
 
 def random_crop_flip(img: Image.Image, resolution: int, random_flip: bool, rng: np.random.Generator) -> np.ndarray:
     """Resize the short side to `resolution`, take a random square crop, maybe flip; uint8 CHW."""
@@ -83,27 +72,32 @@ def random_crop_flip(img: Image.Image, resolution: int, random_flip: bool, rng: 
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def preprocess(batch: dict[str, np.ndarray], resolution: int, random_flip: bool) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn: encoded images -> uint8 [B, 3, R, R] pixels + labels (augmented per epoch)."""
-    rng = np.random.default_rng()
-    pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, random_flip, rng) for b in batch["image"]])
-    return {"pixels": pixels, "label": np.asarray(batch["label"], dtype=np.int64)}
+def augment(images: Sequence[bytes], resolution: int, random_flip: bool, seed: int) -> np.ndarray:
+    """One batch: decode, resize, random crop (and flip) drawn from `seed`; uint8 [B, 3, R, R]."""
+    rng = np.random.default_rng(seed)
+    return np.stack([random_crop_flip(decode(bytes(b)), resolution, random_flip, rng) for b in images])
 
 
-def build_dataset(train: pa.Table, num_classes: int, resolution: int, class_balanced: bool,
-                  random_flip: bool, seed: int) -> "ray.data.Dataset":
-    """The train split as a Ray Dataset of augmented pixel batches, in blocks small enough to stream."""
-    import ray.data
+def load_batches(items: pa.Table, train: list[Any], resolution: int, random_flip: bool) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): whole training batches, each given by its row positions and augmentation seed."""
+    table = cached_get(train[0])
+    pixels, labels = [], []
+    for rows, seed in zip(items.column("rows").to_pylist(), items.column("seed").to_pylist()):
+        take = pa.array(rows, type=pa.int64())
+        pixels.append(augment(table.column("image").take(take).to_pylist(), resolution, random_flip, seed))
+        labels.append(table.column("label").take(take).to_numpy())
+    return {"pixels": np.concatenate(pixels), "label": np.concatenate(labels).astype(np.int64)}
 
-    table = train.select(["image", "label"]).take(np.random.default_rng(seed).permutation(train.num_rows))
-    rows_per_block = max(16, math.ceil(table.num_rows / 64))
-    ds = ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])
-    if class_balanced:
-        rates = balanced_rates(table.column("label").to_numpy(), num_classes)
-        ds = ds.map_batches(balanced_repeat, fn_kwargs={"rates": rates.tolist()}, batch_format="pyarrow",
-                            batch_size=None)
-    return ds.map_batches(preprocess, fn_kwargs={"resolution": resolution, "random_flip": random_flip},
-                          batch_format="numpy", batch_size=32)
+
+_WORK_SCHEMA = pa.schema([("rows", pa.list_(pa.int64())), ("seed", pa.int64())])
+
+
+def epoch_batches(cfg: dict[str, Any], epoch: int, rank: int, world: int) -> WorkerBatches:
+    """This worker's batches of one epoch (class-balanced copies when configured)."""
+    labels = cfg["labels"]
+    copies = balanced_copies(labels, cfg["num_classes"], cfg["seed"], epoch) if cfg["class_balanced"] else None
+    order = epoch_order(len(labels), cfg["seed"], epoch, copies)
+    return worker_batches(order, rank, world, cfg["worker_batch"], cfg["seed"], epoch)
 
 
 # --- worker --------------------------------------------------------------------------------------
@@ -155,7 +149,7 @@ class _Progress:
     def __init__(self, step: int, history: list[list[float]], world: int) -> None:
         self.start_step, self.world = step, world
         self.history = history  # [step, mean loss over the window], restored from the checkpoint
-        self.rates: list[float] = []  # steps/s of each window of this attempt (each pays the previous report)
+        self.rates: list[float | None] = []  # steps/s of each window (None: too short) of this attempt (each pays the previous report)
         self.loss_sum, self.n = 0.0, 0
         self.t_start = self.t_window = time.perf_counter()
         self.steady: tuple[int, float] | None = None  # (step, time) after the first window: past warm-up
@@ -168,13 +162,13 @@ class _Progress:
         """Mean loss over the window (all workers) and rates; the metrics every worker reports."""
         loss = _mean_across_workers(self.loss_sum, self.n, self.world)
         now = time.perf_counter()
-        rate = self.n / max(now - self.t_window, 1e-9)
+        window = rate(self.n, now - self.t_window, self.n)
         self.history.append([step, loss])
-        self.rates.append(rate)
-        metrics = {"step": step, "loss": loss, "steps_per_s": rate, "resumed_from_step": resumed_from,
-                   "run_steps_per_s": (step - self.start_step) / max(now - self.t_start, 1e-9)}
+        self.rates.append(window)
+        metrics = {"step": step, "loss": loss, "steps_per_s": window, "resumed_from_step": resumed_from,
+                   "run_steps_per_s": rate(step - self.start_step, now - self.t_start, step - self.start_step)}
         if self.steady is not None:
-            metrics["steady_steps_per_s"] = (step - self.steady[0]) / max(now - self.steady[1], 1e-9)
+            metrics["steady_steps_per_s"] = rate(step - self.steady[0], now - self.steady[1], step - self.steady[0])
         self.steady = self.steady or (step, now)
         self.loss_sum, self.n, self.t_window = 0.0, 0, now
         return metrics
@@ -203,8 +197,7 @@ def decode_split(train: pa.Table, resolution: int) -> tuple[np.ndarray, np.ndarr
     """A split decoded and resized once: (uint8 [N, 3, R, R] pixels, int64 labels), no augmentation.
 
     Put in the object store as `make_loop_config(arrays=...)` for small datasets trained many epochs
-    (pre-training), where a Ray Data stream's per-iteration start-up and coordinator CPU would cost
-    more than the decoding it saves.
+    (pre-training), where decoding every epoch would cost more than keeping the pixels.
     """
     rng = np.random.default_rng(0)
     pixels = np.stack([random_crop_flip(decode(bytes(b)), resolution, False, rng)
@@ -212,22 +205,32 @@ def decode_split(train: pa.Table, resolution: int) -> tuple[np.ndarray, np.ndarr
     return pixels, train.column("label").to_numpy().astype(np.int64)
 
 
-def _epoch_batches(cfg: dict[str, Any], rank: int, world: int, epoch: int) -> Any:
-    """This worker's batches of one epoch: from the Ray Data shard, or from `decode_split` arrays."""
+def _epoch_source(cfg: dict[str, Any], batches: WorkerBatches) -> Iterator[dict[str, Any]]:
+    """The epoch's batches as tensors: from `decode_split` arrays, decoded here (small epochs), or from an
+    ordered Ray Data stream of decode tasks (`finetune.data_cpus` each)."""
     import ray
-    import ray.train
+    import ray.data
     import torch
 
-    if cfg.get("arrays") is None:
-        yield from ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=cfg["worker_batch"], drop_last=True, local_shuffle_buffer_size=cfg["shuffle_buffer"])
+    if cfg.get("arrays") is not None:
+        pixels, labels = cached_get(cfg["arrays"])
+        for rows in batches.rows:
+            rows = np.sort(rows)
+            yield {"pixels": torch.from_numpy(pixels[rows]), "label": torch.from_numpy(labels[rows])}
         return
-    pixels, labels = ray.get(cfg["arrays"])
-    order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(labels))[rank::world]
-    size = cfg["worker_batch"]
-    for start in range(0, len(order) - size + 1, size):
-        rows = np.sort(order[start:start + size])
-        yield {"pixels": torch.from_numpy(pixels[rows]), "label": torch.from_numpy(labels[rows])}
+    if not len(batches):
+        return
+    items = pa.table({"rows": [r.tolist() for r in batches.rows], "seed": batches.seeds.tolist()}, schema=_WORK_SCHEMA)
+    kwargs = {"train": cfg["train"], "resolution": cfg["resolution"], "random_flip": cfg["random_flip"]}
+    if batches.rows.size <= cfg["inline_rows"]:
+        yield from InlineEpoch(lambda: load_batches(items, **kwargs)).iter_torch_batches(cfg["worker_batch"])
+        return
+    ordered()
+    per_task = max(1, cfg["rows_per_task"] // cfg["worker_batch"])
+    ds = ray.data.from_arrow([items.slice(i, per_task) for i in range(0, items.num_rows, per_task)])
+    ds = ds.map_batches(load_batches, batch_format="pyarrow", batch_size=None, num_cpus=cfg["data_cpus"],
+                        fn_kwargs=kwargs)
+    yield from ds.iter_torch_batches(batch_size=cfg["worker_batch"], prefetch_batches=2)
 
 
 def make_step_model(cfg: dict[str, Any], base: str, device: Any) -> Any:
@@ -254,6 +257,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage = Storage(**cfg["storage"])
+    torch.manual_seed(cfg["seed"])  # initial trainable weights (e.g. LoRA A, gaussian) from the config's seed
     p = make_step_model(cfg, cfg["base"].resolve(storage), ray.train.torch.get_device())
     total, log_every, ckpt_every = cfg["steps"], cfg["log_every"], cfg["checkpoint_every"]
     step, history = 0, []
@@ -269,10 +273,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
         p.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     progress = _Progress(step, history, world)
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
-    epoch = 0
+    epoch, skip = locate(step, lambda e: len(epoch_batches(cfg, e, rank, world))) if step < total else (0, 0)
     while step < total:
         epoch_steps = 0
-        for batch in _epoch_batches(cfg, rank, world, epoch):
+        for batch in _epoch_source(cfg, epoch_batches(cfg, epoch, rank, world).skip(skip)):
             _maybe_inject_failure(cfg, step, rank, world)
             progress.add(p.step(batch["pixels"], batch["label"], p.generator(step_seed(cfg["seed"], rank, step))))
             step += 1
@@ -282,11 +286,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
             if is_ckpt or step % log_every == 0:
                 metrics = progress.close_window(step, resumed_from)
                 if rank == 0:
-                    log.info("step %d/%d loss %.4f %.2f steps/s", step, total, metrics["loss"], metrics["steps_per_s"])
+                    log.info("step %d/%d loss %.4f%s", step, total, metrics["loss"],
+                             f", {metrics['steps_per_s']:.2f} steps/s" if metrics["steps_per_s"] else "")
                 _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final)
             if final:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
         if epoch_steps == 0 and step < total:
             raise RuntimeError("an epoch of the train shard gave no full batch: dataset smaller than the batch")
     if step == resumed_from and step > 0:  # restored at the end already (e.g. the artifact was deleted)
@@ -309,6 +314,12 @@ def run_key(config: ExperimentConfig, dataset_fingerprint: str, base_hash: str) 
 
 def artifact_uri(config: ExperimentConfig) -> str:
     return config.finetune.output or join(config.run.uri, "adapter")
+
+
+def resource_needs(config: ExperimentConfig) -> Needs:
+    """The Train workers and one decode task: what fine-tuning holds at once."""
+    ft = config.finetune
+    return train_needs("finetune", ft.num_workers, ft.cpus_per_worker, ft.use_gpu, ft.data_cpus)
 
 
 def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
@@ -375,16 +386,23 @@ def _versions() -> dict[str, str]:
 
 def make_loop_config(config: ExperimentConfig, spec: dict[str, Any], base: ModelRef, *, steps: int,
                      batch_size: int, num_workers: int, log_every: int, checkpoint_every: int,
-                     cpus_per_worker: float, use_gpu: bool, trainer: str = "personalize", arrays: Any = None,
+                     cpus_per_worker: float, use_gpu: bool, labels: np.ndarray, num_classes: int,
+                     trainer: str = "personalize", train: Any = None, arrays: Any = None,
                      fail_at_step: int | None = None, failure_marker: str = "") -> dict[str, Any]:
-    """The settings `train_loop` reads (plain values and a ModelRef: they are pickled to every worker)."""
+    """The settings `train_loop` reads (plain values, object refs and a ModelRef: pickled to every worker).
+
+    The images come as `train` (an object ref of the id/image/label table, decoded per batch) or `arrays`
+    (an object ref of `decode_split` output); `labels` decide each epoch's rows either way."""
+    ft = config.finetune
     return {
-        "trainer": trainer, "spec": spec, "base": base, "arrays": arrays,
-        "storage": {"storage_options": dict(config.storage.storage_options), "retries": config.storage.retries,
-                    "retry_wait_s": config.storage.retry_wait_s},
+        "trainer": trainer, "spec": spec, "base": base, "train": [train], "arrays": arrays,
+        "labels": np.asarray(labels, dtype=np.int64), "num_classes": num_classes,
+        "class_balanced": ft.class_balanced and trainer == "personalize", "resolution": ft.resolution,
+        "random_flip": ft.random_flip, "inline_rows": ft.inline_rows, "data_cpus": ft.data_cpus,
+        "rows_per_task": ft.rows_per_task, "storage": dataclasses.asdict(Storage.from_config(config)),
         "steps": steps, "worker_batch": batch_size // num_workers, "seed": config.run.seed,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "fail_at_step": fail_at_step,
-        "failure_marker": failure_marker, "shuffle_buffer": max(4 * (batch_size // num_workers), 64),
+        "failure_marker": failure_marker,
         # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
         "cpu_threads": None if use_gpu else max(1, round(cpus_per_worker)),
     }
@@ -410,28 +428,30 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         log.info("finetune already done for this config (%s): adapter artifact at %s", key, redact(out))
         return _summary(done, reused=True, elapsed_s=round(time.perf_counter() - t0, 2))
 
-    ensure_ray()
+    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
     use_gpu = cluster_has_gpu(ft.use_gpu)
     ray_uri = join(config.run.uri, "finetune-ray")
     name = f"ft-{key}"
     spec = {"strategy": ft.strategy, "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
             "max_grad_norm": ft.max_grad_norm, "mixed_precision": ft.mixed_precision}
+    import ray
+
     loop_config = make_loop_config(config, spec, base_ref, steps=ft.steps, batch_size=ft.batch_size,
                                    num_workers=ft.num_workers, log_every=ft.log_every,
                                    checkpoint_every=ft.checkpoint_every, cpus_per_worker=ft.cpus_per_worker,
-                                   use_gpu=use_gpu, fail_at_step=ft.fail_at_step,
+                                   use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
+                                   num_classes=ds.num_classes, train=ray.put(ds.train.select(["image", "label"])),
+                                   fail_at_step=ft.fail_at_step,
                                    failure_marker=join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"))
-    dataset = build_dataset(ds.train, ds.num_classes, ft.resolution, ft.class_balanced, ft.random_flip,
-                            config.run.seed)
     trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,
                            num_workers=ft.num_workers, gpu=use_gpu, cpus_per_worker=ft.cpus_per_worker,
-                           max_failures=ft.max_failures, keep_checkpoints=ft.keep_checkpoints,
-                           datasets={"train": dataset})
+                           max_failures=ft.max_failures, keep_checkpoints=ft.keep_checkpoints)
     log.info("finetune %s: %s on %d classes, %d steps, batch %d over %d %s worker(s); checkpoints in %s",
              key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
              "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))
-    result = trainer.fit()
+    result = fit_watched(trainer, "finetune", config.cluster,
+                         train_labels("finetune", ft.cpus_per_worker, use_gpu, ft.data_cpus))
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {key} finished without a checkpoint (see {redact(join(ray_uri, name))})")
     metrics = dict(result.metrics or {})
@@ -454,5 +474,4 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["FinetuneError", "artifact_uri", "balanced_rates", "balanced_repeat", "build_dataset", "preprocess",
-           "decode_split", "make_loop_config", "make_step_model", "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]
+__all__ = ["FinetuneError", "artifact_uri", "resource_needs", "augment", "epoch_batches", "load_batches", "decode_split", "make_loop_config", "make_step_model", "random_crop_flip", "run", "run_key", "step_seed", "train_loop", "validate_inputs"]

@@ -10,8 +10,9 @@ import logging
 import time
 from typing import Any
 
-from engine.cli import STAGES, resolve_stage
+from engine.cli import STAGES, resolve_stage, stage_needs
 from engine.config import ExperimentConfig, validate
+from engine.ray_local import Needs, ensure_ray
 from engine.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,22 @@ def ensure_synthetic(config: ExperimentConfig) -> str:
     return output
 
 
+def start_ray_for(config: ExperimentConfig, stages: list[str], what: str, size_for: list[Any] | None = None,
+                  min_cpus: float = 0.0, **init_kwargs: Any) -> bool:
+    """Join the cluster, or start one local instance that holds the largest of `stages` (they run one after
+    another inside it; a local instance cannot grow, so sizing it for the first stage alone would leave a
+    later one waiting forever). Fails now when the cluster can never hold one of them."""
+    needs = Needs.largest(*(stage_needs(s, config) for s in stages), what=what)
+    size = Needs.largest(needs, *(size_for or []), Needs(min_cpus), what=what)
+    return ensure_ray(needs, config.cluster.wait_for_nodes, size_for=size, **init_kwargs)
+
+
 def sweep(config: ExperimentConfig) -> dict[str, Any]:
     """`diffmix sweep`: the classifier grid on Ray Tune, synthesizing missing strength sets first."""
-    from engine.classify.tune import run_sweep
+    from engine.classify.tune import run_sweep, sweep_needs
 
+    stages = ["sweep"] + (["synthesize"] if config.sweep.strengths else [])
+    start_ray_for(config, stages, "sweep", size_for=[sweep_needs(config, config.sweep.max_concurrent_trials)])
     return run_sweep(config, ensure_synthetic=ensure_synthetic)
 
 
@@ -61,7 +74,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     """
     storage = Storage.from_config(config)
     summary: dict[str, Any] = {"run": redact(config.run.uri), "config_hash": config.hash()}
-    if config.synthesis.strategy.startswith("diff-"):
+    diff = config.synthesis.strategy.startswith("diff-")
+    start_ray_for(config, (["finetune"] if diff else []) + ["synthesize", "classify"], "pipeline")
+    if diff:
         summary["finetune"] = run_stage("finetune", config)
         if config.synthesis.adapter is None:
             config = with_overrides(config, synthesis={"adapter": summary["finetune"]["artifact"]})

@@ -27,8 +27,8 @@ from engine.data import ImageDataset, load_dataset
 from engine.finetune import ARTIFACT_SUBDIR, PROGRESS_FILE, decode_split, make_loop_config, train_loop
 from engine.models.base import ModelRef
 from engine.models.tiny import SDArch, TINY_BUILDER_VERSION, build_untrained_sd
-from engine.ray_local import ensure_ray
-from engine.ray_train import make_trainer
+from engine.ray_local import Needs, ensure_ray
+from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 
@@ -60,6 +60,12 @@ def run_key(config: ExperimentConfig, dataset_fingerprint: str) -> str:
 
 def output_uri(config: ExperimentConfig) -> str:
     return config.pretrain.output or join(config.run.uri, "pretrained")
+
+
+def resource_needs(config: ExperimentConfig) -> Needs:
+    """The Train workers (the split is decoded once into the object store: no decode tasks)."""
+    pt = config.pretrain
+    return train_needs("pretrain", pt.num_workers, pt.cpus_per_worker, pt.use_gpu)
 
 
 def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
@@ -113,7 +119,8 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     loop_config = make_loop_config(config, spec, base, trainer="pretrain", steps=steps, batch_size=pt.batch_size,
                                    num_workers=pt.num_workers, log_every=pt.log_every,
                                    checkpoint_every=pt.checkpoint_every, cpus_per_worker=pt.cpus_per_worker,
-                                   use_gpu=use_gpu, arrays=arrays)
+                                   use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
+                                   num_classes=ds.num_classes, arrays=arrays)
     name = f"pt-{phase}-{key}"
     trainer = make_trainer(train_loop, loop_config, name=name, uri=join(work, "ray"), storage=storage,
                            num_workers=pt.num_workers, gpu=use_gpu, cpus_per_worker=pt.cpus_per_worker,
@@ -121,7 +128,8 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
                            datasets=None)
     log.info("pretrain %s phase %s: %d steps, batch %d over %d %s worker(s)", key, phase, steps, pt.batch_size,
              pt.num_workers, "GPU" if use_gpu else "CPU")
-    result = trainer.fit()
+    result = fit_watched(trainer, f"pretrain ({phase})", config.cluster,
+                         train_labels("pretrain", pt.cpus_per_worker, use_gpu))
     if result.checkpoint is None:
         raise RuntimeError(f"pretrain phase {phase} finished without a checkpoint ({redact(join(work, 'ray', name))})")
     local = tempfile.mkdtemp(prefix=f"diffmix-pt-{phase}-")
@@ -198,7 +206,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         log.warning("model at %s was pre-trained with another config (%s); it will be replaced", redact(out),
                     done.get("key"))
 
-    ensure_ray()
+    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
     import ray
 
     use_gpu = cluster_has_gpu(pt.use_gpu)

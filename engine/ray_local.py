@@ -1,13 +1,19 @@
-"""How every stage gets its Ray: join the cluster a job runs on, or start one local instance.
+"""How every stage gets its Ray: join the cluster a job runs on, or start one local instance sized for the job.
 
 One place decides the local instance's settings (logical CPUs, Ray Train's poll), so `diffmix <stage>`
 on a laptop, the pipeline and the demo start Ray the same way, and `ray job submit` always joins.
+
+A stage says what it must hold at once (`Needs`) before it streams. A cluster that cannot grow to that
+(a local instance, or `ray start` nodes without an autoscaler) is an error naming the config keys to
+change, raised before any work: Ray would otherwise queue the requests forever. Whatever starts a local
+instance for several stages (pipeline, sweep, demo) sizes it for the largest of them.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -15,6 +21,34 @@ log = logging.getLogger(__name__)
 # Ray Train's controller polls each worker every 2 s by default and every report() waits for the poll,
 # which dominates small local runs (epochs of a second); a local cluster started here polls faster.
 LOCAL_TRAIN_POLL_S = "0.1"
+
+
+class ResourceError(RuntimeError):
+    """A stage cannot fit in the cluster it runs on; the message names the config keys that size it."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The least a stage holds at once (CPUs, GPUs), what it is, and the config keys that set it."""
+
+    cpu: float
+    gpu: float = 0.0
+    what: str = "the job"
+    keys: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.cpu:g} CPU" + (f" + {self.gpu:g} GPU" if self.gpu else "")
+
+    def resources(self) -> dict[str, float]:
+        return {"CPU": self.cpu, "GPU": self.gpu}
+
+    @staticmethod
+    def largest(*needs: "Needs", what: str = "the job") -> "Needs":
+        """Stages that run one after another: the instance must hold the largest of each resource."""
+        cpu = max(needs, key=lambda n: n.cpu)
+        gpu = max(needs, key=lambda n: n.gpu)
+        keys = cpu.keys if cpu is gpu else f"{cpu.keys}; {gpu.keys}"
+        return Needs(cpu.cpu, gpu.gpu, what, keys)
 
 
 def joins_cluster() -> bool:
@@ -29,19 +63,72 @@ def local_train_env() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
 
 
-def ensure_ray(min_cpus: float = 0.0, **init_kwargs: Any) -> bool:
+def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False, size_for: Needs | None = None,
+               **init_kwargs: Any) -> bool:
     """Join the running or addressed cluster (RAY_ADDRESS, `ray job submit`), else start a local one with
-    at least `min_cpus` logical CPUs (more than the cores let fractional tasks of overlapping stages
-    pack). `init_kwargs` go to the local `ray.init` only. Returns True when it started a local instance."""
+    at least `size_for.cpu` (default `needs.cpu`) logical CPUs (more than the cores let fractional tasks of
+    overlapping stages pack); then check that `needs`, the least the job holds at once, fits
+    (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
     import ray
 
+    if isinstance(needs, (int, float)):
+        needs = Needs(float(needs))
+    size_for = size_for or needs
+    started = False
     if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return False
-    local_train_env()
-    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
-    ray.init(num_cpus=cpus, **init_kwargs)
-    return True
+    else:
+        local_train_env()
+        cpus = max(os.cpu_count() or 1, math.ceil(size_for.cpu if size_for else 0))
+        log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
+        ray.init(num_cpus=cpus, **init_kwargs)
+        started = True
+    if needs is not None:
+        check_fits(needs, wait_for_nodes)
+    return started
+
+
+def autoscaler_limit() -> dict[str, float] | None:
+    """The most each resource can grow to under the cluster's autoscaler, or None without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        limit = state.get_max_resources_from_cluster_config()
+    except (AttributeError, ImportError, RuntimeError) as exc:  # a private API: treat as "no autoscaler"
+        log.debug("cannot read the autoscaler's limits: %s", exc)
+        return None
+    return {k: float(v) for k, v in limit.items()} if limit else None
+
+
+def check_fits(needs: Needs, wait_for_nodes: bool = False) -> None:
+    """Fail now when `needs` can never be placed: more than the cluster has and, without an autoscaler
+    (or above its limit), more than it can ever have. `wait_for_nodes` (cluster.wait_for_nodes) trusts that
+    nodes will be added by hand instead; the stall watchdog then says what waits."""
+    import ray
+
+    have = {k: float(v) for k, v in ray.cluster_resources().items()}
+    short = {k: v for k, v in needs.resources().items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    limit = autoscaler_limit()
+    if limit is not None:
+        short = {k: v for k, v in short.items() if v > max(limit.get(k, 0.0), have.get(k, 0.0)) + 1e-9}
+        where = "can grow to at most " + ", ".join(f"{max(limit.get(k, 0.0), have.get(k, 0.0)):g} {k}" for k in short)
+    else:
+        if wait_for_nodes:
+            log.warning("%s needs %s at once; the cluster has %s now: waiting for nodes (cluster.wait_for_nodes)",
+                        needs.what, needs, _fmt(have))
+            return
+        where = f"has {_fmt(have)} and no autoscaler"
+    if short:
+        raise ResourceError(
+            f"{needs.what} needs {needs} at once but this Ray cluster {where}: its requests would wait forever. "
+            f"Lower {needs.keys or 'the stage resources'}, or run on a larger cluster"
+            + ("" if limit is not None else " (or set cluster.wait_for_nodes=true if you will add nodes)")
+        )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from engine.storage import Storage, is_local
+from engine.errors import surfaced
+from engine.ray_local import Needs
+from engine.storage import Storage, StorageError, is_local
+from engine.watchdog import Watchdog, labels_for
 
 
 def use_gpu(requested: bool | None) -> bool:
@@ -53,3 +56,26 @@ def make_trainer(train_loop: Callable[[dict[str, Any]], None], loop_config: dict
             callbacks=list(callbacks)),
         datasets=datasets,
     )
+
+
+def train_needs(section: str, num_workers: int, cpus_per_worker: float, use_gpu: bool | None,
+                data_cpus: float = 0.0, what: str | None = None) -> Needs:
+    """What a TorchTrainer holds at once: its workers (a GPU each when `use_gpu` is true) and one decode task."""
+    keys = f"{section}.num_workers x {section}.cpus_per_worker" + (f" + {section}.data_cpus" if data_cpus else "")
+    return Needs(cpu=num_workers * cpus_per_worker + data_cpus, gpu=float(num_workers) if use_gpu else 0.0,
+                 what=what or section, keys=keys)
+
+
+def train_labels(section: str, cpus_per_worker: float, gpu: bool, data_cpus: float | None = None) -> dict:
+    """Train workers and their decode tasks by request shape, for the stall watchdog."""
+    entries = [({"CPU": cpus_per_worker, "GPU": 1.0 if gpu else 0.0}, f"{section} Train workers")]
+    if data_cpus:
+        entries.append(({"CPU": data_cpus}, f"{section} decode tasks ({section}.data_cpus)"))
+    return labels_for(entries)
+
+
+def fit_watched(trainer: Any, what: str, cluster: Any, labels: dict) -> Any:
+    """`trainer.fit()` with the stall watchdog on (requests waiting for resources are named in a warning),
+    and a worker's StorageError surfaced as the stage's error (its line names the URI and the bound)."""
+    with Watchdog(what, cluster.stall_warn_s, cluster.stall_warn_factor, labels), surfaced(StorageError):
+        return trainer.fit()

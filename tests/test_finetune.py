@@ -15,7 +15,8 @@ import torch
 
 from engine.config import ConfigError, ExperimentConfig, load_config
 from engine.data.images import encode_png
-from engine.finetune import FinetuneError, balanced_rates, balanced_repeat, preprocess, run
+from engine.data.epochs import balanced_copies, locate
+from engine.finetune import FinetuneError, augment, epoch_batches, run
 from engine.models import ModelError, load_img2img_pipeline, resolve_model
 from engine.models.adapters import load_adapter, read_adapter_info
 from engine.storage import Storage, join
@@ -115,6 +116,22 @@ def test_rerun_after_finishing_is_a_noop(tidb, caplog):
     assert "already done" in caplog.text
 
 
+def _weight_files(adapter: str) -> dict[str, bytes]:
+    return {p.relative_to(adapter).as_posix(): p.read_bytes() for p in sorted(Path(adapter).rglob("*.safetensors"))}
+
+
+def test_same_config_writes_byte_identical_adapter_streamed_or_inline(tidb, tmp_path, tiny_cache):
+    """Data order, crops, flips, noise, timesteps and the LoRA init all come from the config: a second
+    fine-tune (its epochs decoded by a Ray Data stream this time, not in the worker) writes the same bytes."""
+    config, summary = tidb
+    again = run(_config(tmp_path, tiny_cache, "tidb", "finetune.steps=12", "finetune.checkpoint_every=6",
+                        "finetune.inline_rows=0", "finetune.rows_per_task=8"))
+    assert not again["reused"] and again["config_hash"] == summary["config_hash"]
+    first, second = _weight_files(summary["artifact"]), _weight_files(again["artifact"])
+    assert len(first) == 11 and first == second
+    assert again["loss_history"] == summary["loss_history"]
+
+
 def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cache, caplog):
     config = _config(tmp_path, tiny_cache, "resume", "finetune.strategy=ti", "finetune.steps=6",
                      "finetune.checkpoint_every=2", "finetune.fail_at_step=4", "finetune.max_failures=2")
@@ -126,6 +143,11 @@ def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cach
     assert "adapter artifact at " + summary["artifact"] in caplog.text
     marker = Path(summary["checkpoints"]) / "injected-failure-4"
     assert marker.is_file()
+    # the resumed run continues mid-epoch exactly: its embeddings equal an uninterrupted run's, byte for byte
+    plain_run = run(_config(tmp_path, tiny_cache, "unbroken", "finetune.strategy=ti", "finetune.steps=6",
+                            "finetune.checkpoint_every=2"))
+    assert plain_run["resumed_from_step"] == 0
+    assert _weight_files(plain_run["artifact"]) == _weight_files(summary["artifact"])
     # ti trains no LoRA: the artifact has embeddings only, and the UNet of a loaded pipeline is the base's
     info = read_adapter_info(summary["artifact"])
     assert info.lora_file is None and len(info.embedding_files) == 10
@@ -201,24 +223,38 @@ def test_dataset_smaller_than_batch_fails_before_ray(tmp_path, tiny_cache):
 
 # --- data pieces -------------------------------------------------------------------------------------
 
-def test_class_balanced_sampling_weights_inverse_to_class_size():
-    import pyarrow as pa
-
+def test_class_balanced_epochs_weight_rows_inverse_to_class_size():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
-    rates = balanced_rates(labels, 3)
-    assert rates * np.bincount(labels) == pytest.approx([100 / 3] * 3)
-    table = pa.table({"label": labels, "image": [b""] * len(labels)})
     counts = np.zeros(3)
-    for _ in range(200):
-        counts += np.bincount(balanced_repeat(table, rates.tolist()).column("label").to_numpy(), minlength=3)
+    for epoch in range(200):
+        copies = balanced_copies(labels, 3, seed=0, epoch=epoch)
+        counts += np.bincount(np.repeat(labels, copies), minlength=3)
     assert counts / counts.sum() == pytest.approx([1 / 3] * 3, abs=0.02)
+    # drawn from (seed, epoch): the same epoch twice gives the same copies, another epoch others
+    assert np.array_equal(balanced_copies(labels, 3, 0, 5), balanced_copies(labels, 3, 0, 5))
+    assert not np.array_equal(balanced_copies(labels, 3, 0, 5), balanced_copies(labels, 3, 0, 6))
 
 
-def test_preprocess_crops_flips_and_keeps_uint8():
+def test_augment_crops_flips_and_keeps_uint8_from_its_seed():
     img = np.zeros((20, 40, 3), dtype=np.uint8)
     img[:, :20] = 255  # left half white
-    out = preprocess({"image": np.array([encode_png(img)] * 16, dtype=object), "label": np.arange(16)}, 16, True)
-    assert out["pixels"].shape == (16, 3, 16, 16) and out["pixels"].dtype == np.uint8
-    assert out["label"].tolist() == list(range(16))
+    images = [encode_png(img)] * 16
+    out = augment(images, 16, True, seed=3)
+    assert out.shape == (16, 3, 16, 16) and out.dtype == np.uint8
     # a 16x32 resize cropped at random offsets: crops differ across the batch
-    assert len({out["pixels"][i].tobytes() for i in range(16)}) > 1
+    assert len({out[i].tobytes() for i in range(16)}) > 1
+    assert np.array_equal(augment(images, 16, True, seed=3), out)
+    assert not np.array_equal(augment(images, 16, True, seed=4), out)
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch_and_resume_exactly():
+    labels = np.arange(23) % 3
+    cfg = {"labels": labels, "num_classes": 3, "class_balanced": False, "seed": 7, "worker_batch": 4}
+    one = epoch_batches(cfg, 2, rank=0, world=2)
+    assert np.array_equal(one.rows, epoch_batches(cfg, 2, 0, 2).rows)
+    assert not np.array_equal(one.rows, epoch_batches(cfg, 3, 0, 2).rows)
+    other = epoch_batches(cfg, 2, rank=1, world=2)
+    # 23 rows, 2 workers: 11 each, 2 full batches of 4 each; no row twice within the epoch
+    assert one.rows.shape == other.rows.shape == (2, 4)
+    assert len(set(one.rows.ravel()) | set(other.rows.ravel())) == 16
+    assert locate(0, lambda e: 2) == (0, 0) and locate(5, lambda e: 2) == (2, 1)

@@ -1,14 +1,57 @@
-"""How stages get Ray: inside a running cluster they join it and start nothing of their own."""
+"""How stages get Ray: they join a running cluster, size a local one for the whole job, and refuse at once
+to stream into a cluster that can never hold them (its requests would wait forever)."""
+import logging
 import os
 
-from engine.ray_local import LOCAL_TRAIN_POLL_S, ensure_ray, joins_cluster, local_train_env
+import pytest
+
+from engine.config import load_config
+from engine.ray_local import LOCAL_TRAIN_POLL_S, Needs, ResourceError, check_fits, ensure_ray, joins_cluster, \
+    local_train_env
 
 
 def test_a_running_cluster_is_joined_not_replaced(ray_session):
     before = ray_session.get_runtime_context().get_node_id()
     assert joins_cluster()
-    assert ensure_ray(min_cpus=10_000) is False          # no local instance started, whatever it asks for
+    assert ensure_ray(Needs(1.0)) is False          # no local instance started
     assert ray_session.get_runtime_context().get_node_id() == before
+
+
+def test_needs_of_stages_run_one_after_another_take_the_largest():
+    a = Needs(3.0, 0.0, "synthesis", "synthesis.cpus_per_actor")
+    b = Needs(1.5, 1.0, "classify", "classify.num_workers")
+    both = Needs.largest(a, b, what="pipeline")
+    assert (both.cpu, both.gpu, both.what) == (3.0, 1.0, "pipeline")
+    assert "synthesis.cpus_per_actor" in both.keys and "classify.num_workers" in both.keys
+
+
+def test_a_need_beyond_a_fixed_cluster_fails_fast_naming_the_keys(ray_session, caplog):
+    """The session cluster is `ray start --head --num-cpus=4` without an autoscaler: it never grows."""
+    with pytest.raises(ResourceError) as err:
+        check_fits(Needs(9.0, 0.0, "classify", "classify.num_workers x classify.cpus_per_worker"))
+    msg = str(err.value)
+    assert "classify needs 9 CPU" in msg and "4 CPU" in msg and "classify.num_workers x classify.cpus_per_worker" in msg
+    assert "no autoscaler" in msg and "cluster.wait_for_nodes" in msg
+    with pytest.raises(ResourceError, match="GPU"):
+        check_fits(Needs(1.0, 2.0, "synthesis", "synthesis.num_gpus_per_actor"))
+    caplog.set_level(logging.WARNING, logger="engine.ray_local")
+    check_fits(Needs(9.0), wait_for_nodes=True)  # nodes promised by hand: a warning, no error
+    assert "waiting for nodes" in caplog.text
+    check_fits(Needs(4.0))  # exactly what it has fits
+
+
+def test_stages_refuse_a_cluster_they_cannot_fit_before_streaming(ray_session, tmp_path, tiny_cache):
+    from engine.classify.train import run as classify_run
+    from engine.synthesis import run as synthesize
+
+    common = [f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "dataset.subset.kind=few_shot",
+              "dataset.subset.shots=2", "synthesis.num_gpus_per_actor=0", "synthesis.resolution=32",
+              "synthesis.strategy=real-mix", "synthesis.multiplier=1"]
+    with pytest.raises(ResourceError, match=r"synthesis needs 13 CPU .*synthesis\.cpus_per_actor"):
+        synthesize(load_config(None, common + ["synthesis.cpus_per_actor=6"]))
+    assert not list((tmp_path / "run" / "synthetic").rglob("part-*"))  # no shard written
+    with pytest.raises(ResourceError, match=r"classify needs 9 CPU .*classify\.num_workers x classify\.cpus_per_worker"):
+        classify_run(load_config(None, common + ["classify.num_workers=8", "classify.p=0"]))
 
 
 def test_local_train_poll_keeps_a_users_value(monkeypatch):

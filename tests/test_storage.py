@@ -84,3 +84,55 @@ def test_unreachable_store_is_a_named_bounded_error():
 def test_redact_hides_userinfo():
     assert redact("s3://user:pw@host/b/k") == "s3://***@host/b/k"
     assert redact("/plain/path") == "/plain/path"
+
+
+# --- a stalled store (SeaweedFS paused with SIGSTOP: connections open, nothing answers) -----------------
+
+def _stall_storage(s3_server, max_stall_s: float) -> Storage:
+    return Storage(s3_server["storage_options"], retries=3, retry_wait_s=0.2, connect_timeout_s=1.0,
+                   read_timeout_s=1.0, max_stall_s=max_stall_s)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("op", ["write", "read", "exists", "list", "walk", "ranged read"])
+def test_every_call_on_a_stalled_store_fails_within_its_bound(s3_server, s3_bucket, op):
+    import time
+
+    storage = _stall_storage(s3_server, max_stall_s=3.0)
+    storage.write_bytes(s3_bucket + "/d/x.bin", b"0123456789")
+    calls = {"write": lambda: storage.write_bytes(s3_bucket + "/d/y.bin", b"y" * 1000),
+             "read": lambda: storage.read_bytes(s3_bucket + "/d/x.bin"),
+             "exists": lambda: storage.exists(s3_bucket + "/d/y.bin"),
+             "list": lambda: storage.list(s3_bucket + "/d"),
+             "walk": lambda: storage.walk_files(s3_bucket),
+             "ranged read": lambda: storage.read_bytes(s3_bucket + "/d/x.bin", 2, 5)}
+    with s3_server["server"].stalled():
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            calls[op]()
+        took = time.monotonic() - t0
+    assert took < 3.0 + 1.5, f"{op} took {took:.1f} s"
+    assert "storage stalled" in str(err.value) and s3_bucket in str(err.value) and "3 s" in str(err.value)
+    # the store is back: a write that timed out left the whole object or nothing, never a part
+    if op == "write" and storage.exists(s3_bucket + "/d/y.bin"):
+        assert storage.read_bytes(s3_bucket + "/d/y.bin") == b"y" * 1000
+    assert storage.read_bytes(s3_bucket + "/d/x.bin", 2, 5) == b"234"
+
+
+@pytest.mark.s3
+def test_a_short_stall_is_ridden_out(s3_server, s3_bucket):
+    storage = _stall_storage(s3_server, max_stall_s=30.0)
+    with s3_server["server"].stalled(seconds=2.5):
+        storage.write_bytes(s3_bucket + "/z.bin", b"z" * 100)  # times out, backs off, retries after the resume
+    assert storage.read_bytes(s3_bucket + "/z.bin") == b"z" * 100
+
+
+def test_s3_calls_get_socket_timeouts_unless_configured():
+    storage = Storage({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}, connect_timeout_s=2,
+                      read_timeout_s=7)
+    botocore = storage.options_for("s3://b/k")["config_kwargs"]
+    assert botocore["connect_timeout"] == 2 and botocore["read_timeout"] == 7
+    assert storage.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}  # not mutated
+    mine = Storage({"config_kwargs": {"read_timeout": 99}}, read_timeout_s=7)
+    assert mine.options_for("s3://b/k")["config_kwargs"]["read_timeout"] == 99
+    assert Storage().options_for("/local/path") == {}

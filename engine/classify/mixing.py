@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from engine.classify.augment import eval_images, train_images
 from engine.classify.labels import check_gamma, one_hot, synthetic_targets
+from engine.data.epochs import Block, InlineEpoch
 from engine.data.shards import ShardError, SyntheticSet
 from engine.storage import Storage, redact
 
@@ -147,28 +148,6 @@ def open_selection(uri: str, storage: Storage, class_names: list[str], strengths
         )
     log.info("synthetic set %s: %d selected rows in %d files", redact(uri), len(selection), len(selection.files))
     return selection
-
-
-# --- blocks of real rows in the object store ----------------------------------------------------
-@dataclass
-class Block:
-    """Rows [start, end) of a table put in the object store, with a `pos` column."""
-
-    ref: Any
-    start: int
-    end: int
-
-
-def put_blocks(table: pa.Table, rows_per_block: int) -> list[Block]:
-    """Split into blocks (adding `pos`) once, so each epoch streams them without copying."""
-    import ray
-
-    table = table.append_column("pos", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    blocks = []
-    for start in range(0, table.num_rows, rows_per_block):
-        end = min(start + rows_per_block, table.num_rows)
-        blocks.append(Block(ray.put(table.slice(start, end - start)), start, end))
-    return blocks
 
 
 # --- per-batch transforms (run in Ray Data tasks) -----------------------------------------------
@@ -359,29 +338,6 @@ def eval_dataset(blocks: list[Block], rank: int, world: int, group_ids: list[int
         eval_batch, batch_format="pyarrow", batch_size=rows_per_task, num_cpus=data_cpus,
         fn_kwargs={"rank": rank, "world": world, "group_ids": group_ids, "resolution": resolution, "crop": crop},
     )
-
-
-class InlineEpoch:
-    """A small epoch decoded in the train worker itself, behind the slice of the Ray Dataset API the loop uses.
-
-    Below `classify.inline_rows` rows a Ray Data stream's start-up (seconds per epoch) costs more than
-    decoding the rows; the rows, augmentations and targets are the same functions' output either way.
-    """
-
-    def __init__(self, load: Any) -> None:
-        self.load = load
-
-    def iter_torch_batches(self, batch_size: int, prefetch_batches: int = 0, device: str = "cpu",
-                           local_shuffle_buffer_size: int | None = None,
-                           local_shuffle_seed: int | None = None) -> Iterator[dict]:
-        import torch
-
-        columns = self.load()
-        n = len(next(iter(columns.values())))
-        order = np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size else np.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            yield {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in columns.items()}
 
 
 # --- one epoch of batches ----------------------------------------------------------------------

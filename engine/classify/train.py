@@ -22,7 +22,6 @@ import numpy as np
 from engine.classify.labels import check_gamma, soft_cross_entropy
 from engine.classify.metrics import EvalCounts, summarize
 from engine.classify.mixing import (
-    Block,
     StreamSettings,
     SyntheticSelection,
     check_p,
@@ -31,14 +30,16 @@ from engine.classify.mixing import (
     epoch_plan,
     eval_dataset,
     open_selection,
-    put_blocks,
     worker_share,
 )
 from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
+from engine.data.epochs import Block, ordered, put_blocks
 from engine.data.shards import MANIFEST, ShardError
 from engine.ray_local import ensure_ray
-from engine.ray_train import make_trainer
+from engine.rates import rate
+from engine.ray_local import Needs
+from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 
@@ -60,6 +61,12 @@ class Inputs:
     train_counts: list[int]
     group_ids: list[int] = field(default_factory=list)
     long_tail: bool = False
+
+
+def resource_needs(config: ExperimentConfig) -> Needs:
+    """The Train workers and one decode task (epochs and evals above `classify.inline_rows` stream)."""
+    cfg = config.classify
+    return train_needs("classify", cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.data_cpus)
 
 
 def classifier_seed(config: ExperimentConfig) -> int:
@@ -104,8 +111,7 @@ def resolve_synthetic(config: ExperimentConfig, storage: Storage) -> str:
     if config.classify.synthetic:
         return absolute(config.classify.synthetic)
     root = absolute(join(config.run.uri, "synthetic"))
-    fs, path = storage.fs(root)
-    found = sorted(fs.glob(path.rstrip("/") + "/*/" + MANIFEST))
+    found = storage.glob(root, "*/" + MANIFEST) if storage.isdir(root) else []
     if len(found) != 1:
         what = "no synthetic set" if not found else f"{len(found)} synthetic sets"
         raise ShardError(
@@ -131,14 +137,16 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
                                    cfg.filtered, cfg.p)
     loop_config = {"config": config.model_dump(mode="json"), "inputs": inputs, "selection": selection,
                    "output": output}
+    gpu = cluster_has_gpu(cfg.use_gpu)
     trainer = make_trainer(train_loop, loop_config, name="train", uri=output, storage=storage,
-                           num_workers=cfg.num_workers, gpu=cluster_has_gpu(cfg.use_gpu),
+                           num_workers=cfg.num_workers, gpu=gpu,
                            cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
                            keep_checkpoints=cfg.keep_checkpoints, callbacks=list(callbacks or []))
     log.info("classify: %s @%dpx, %d epochs, p=%s gamma=%s, %d train rows, %d synthetic rows selected -> %s",
              cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
              redact(output))
-    result = trainer.fit()
+    result = fit_watched(trainer, "classify", config.cluster,
+                         train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus))
     metrics = {k: v for k, v in (result.metrics or {}).items() if _jsonable(v)}
     summary = {
         "output": output,
@@ -162,7 +170,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     """Stage entry (`diffmix classify`): load the dataset, train, write metrics.json."""
     from engine.data import load_dataset
 
-    ensure_ray()
+    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
     storage = Storage.from_config(config)
     dataset = load_dataset(config, storage)
     return fit(config, prepare_inputs(config, dataset))
@@ -232,6 +240,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     selection: SyntheticSelection = loop_config["selection"]
     output: str = loop_config["output"]
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ordered()  # streamed epochs yield rows in plan order: the same config trains the same weights
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -271,14 +280,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
                               hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
                               rows_per_task=cfg.rows_per_task, inline_rows=cfg.inline_rows)
-    mix_rng = np.random.default_rng([classifier_seed(config), rank, start_epoch, 0xC0C])
-    throughput: list[float] = []
+    throughput: list[tuple[int, float, int]] = []  # (samples, seconds, steps) of each epoch of this attempt
     last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         _maybe_fail(epoch, cfg.fail_at_epoch, rank, output, storage)
         plan = epoch_plan(inputs.num_train, len(selection), cfg.p, classifier_seed(config), epoch)
         share = worker_share(plan, len(selection), rank, world)
         rng = np.random.default_rng([classifier_seed(config), epoch, rank])
+        mix_rng = np.random.default_rng([classifier_seed(config), rank, epoch, 0xC0C])  # CutMix/Mixup draws
         data = epoch_dataset(inputs.train_blocks, selection, share, storage, settings, rng)
         model.train()
         loss_sum, rows, steps = 0.0, 0, 0
@@ -301,14 +310,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             rows += len(y)
             steps += 1
         elapsed = time.perf_counter() - start
-        rate = rows * world / elapsed if elapsed > 0 else 0.0
-        throughput.append(rate)
+        throughput.append((rows * world, elapsed, steps))
+        # the first epoch of an attempt carries start-up costs; the mean leaves it out when it can
+        later = throughput[1:] or throughput
         metrics: dict[str, Any] = {
             "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "train_rows": rows * world,
             "synthetic_rows": int(share.synthetic_counts.sum()) * world, "steps": steps,
-            "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate,
-            # the first epoch of an attempt carries start-up costs; the mean leaves it out when it can
-            "train_samples_per_s_mean": float(np.mean(throughput[1:] if len(throughput) > 1 else throughput)),
+            "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate(rows * world, elapsed, steps),
+            "train_samples_per_s_mean": rate(sum(t[0] for t in later), sum(t[1] for t in later),
+                                             sum(t[2] for t in later)),
         }
         if resumed_from is not None:
             metrics["resumed_from_epoch"] = resumed_from
@@ -316,8 +326,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             last_eval = _evaluate(module, inputs, cfg, rank, world, device, batch_size)
             metrics.update(last_eval)
             metrics["eval_epoch"] = epoch
-        log.info("epoch %d/%d: loss %.4f, %d rows (%d synthetic), %.1f samples/s%s", epoch, cfg.epochs,
-                 metrics["train_loss"], rows, int(share.synthetic_counts.sum()), rate,
+        log.info("epoch %d/%d: loss %.4f, %d rows (%d synthetic)%s%s", epoch, cfg.epochs,
+                 metrics["train_loss"], rows, int(share.synthetic_counts.sum()),
+                 f", {metrics['train_samples_per_s']:.1f} samples/s" if metrics["train_samples_per_s"] else "",
                  f", top1 {last_eval['top1']:.4f}" if "eval_epoch" in metrics and "top1" in last_eval else "")
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             with tempfile.TemporaryDirectory() as tmp:

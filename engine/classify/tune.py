@@ -15,8 +15,8 @@ import logging
 import math
 from typing import Any, Callable
 
-from engine.classify.train import Inputs, absolute, fit, prepare_inputs
-from engine.ray_local import ensure_ray
+from engine.classify.train import Inputs, absolute, fit, prepare_inputs, resource_needs
+from engine.ray_local import Needs, ensure_ray
 from engine.config import ExperimentConfig, validate
 from engine.storage import Storage, is_local, join, redact
 
@@ -39,6 +39,15 @@ def point_key(strengths: list[float] | None, multiplier: float | None, gamma: fl
         parts.append(f"m={_fmt(multiplier)}")
     parts += [f"g={_fmt(gamma)}", f"p={_fmt(p)}"]
     return "_".join(parts)
+
+
+def sweep_needs(config: ExperimentConfig, trials: int = 1) -> Needs:
+    """What `trials` concurrent trials hold: each its Tune driver (sweep.trial_cpus) plus a classifier's
+    Train workers and decode task. One trial is the least a sweep needs (Tune runs fewer at once when
+    the cluster is short); a local instance is sized for sweep.max_concurrent_trials."""
+    one = resource_needs(config)
+    return Needs(cpu=trials * (config.sweep.trial_cpus + one.cpu), gpu=trials * one.gpu, what="sweep",
+                 keys=f"sweep.max_concurrent_trials x (sweep.trial_cpus + {one.keys})")
 
 
 def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
@@ -165,7 +174,8 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
 
     from engine.data import load_dataset
 
-    ensure_ray()
+    ensure_ray(sweep_needs(config), config.cluster.wait_for_nodes,
+               size_for=sweep_needs(config, config.sweep.max_concurrent_trials))
     sweep = config.sweep
     storage = Storage.from_config(config)
     output = sweep_output(config)

@@ -65,10 +65,8 @@ def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad
         if f.lower().endswith(IMAGE_EXTENSIONS):
             by_class[cls].append(f)
     # a class folder with no files at all does not show up in a file walk: look for folders too
-    fs, root_path = storage.fs(root)
-    for info in fs.ls(root_path, detail=True):
-        if info.get("type") == "directory":
-            by_class.setdefault(posixpath.basename(info["name"].rstrip("/")), [])
+    for name in storage.list_dirs(root):
+        by_class.setdefault(name, [])
     names = class_names or sorted(by_class)
     unknown = sorted(set(by_class) - set(names))
     if unknown:

@@ -175,10 +175,31 @@ def save_lora(folder: str, peft_state: Mapping[str, "torch.Tensor"], rank: int) 
     from peft import LoraConfig
 
     layers = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in peft_state.items()})
+    # peft keeps target_modules as a set: sorted, so the metadata does not depend on the hash seed
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in LoraConfig(**lora_config_dict(rank)).to_dict().items()}
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=layers, safe_serialization=True, weight_name=LORA_FILE,
-        unet_lora_adapter_metadata=LoraConfig(**lora_config_dict(rank)).to_dict())
-    return os.path.join(folder, LORA_FILE)
+        unet_lora_adapter_metadata=metadata)
+    path = os.path.join(folder, LORA_FILE)
+    canonical_safetensors(path)
+    return path
+
+
+def canonical_safetensors(path: str) -> None:
+    """Rewrite a .safetensors header with sorted keys, so the same tensors and metadata give the same bytes.
+
+    safetensors writes `__metadata__` in hash-map order (it differs between processes); tensor data and
+    offsets stay as they are, and any safetensors reader loads the file unchanged.
+    """
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text + blob[8 + size:])
 
 
 def save_embeddings(folder: str, tokens: Sequence[str], embeddings: "torch.Tensor") -> list[str]:
@@ -193,6 +214,7 @@ def save_embeddings(folder: str, tokens: Sequence[str], embeddings: "torch.Tenso
         path = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file({token: embeddings[i:i + 1].detach().float().cpu().contiguous()}, path)
+        canonical_safetensors(path)
         rels.append(rel)
     return rels
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from engine.data.images import encode_png
 from engine.data.shards import SHARD_SCHEMA, encode_table, parse_part_name, part_name
-from engine.storage import Storage, join, redact
+from engine.storage import Storage, StorageError, join, redact
 from engine.synthesis.translate import SynthesisError
 from engine.synthesis.windows import column_to_pixels, unpack
 
@@ -100,11 +100,12 @@ def committed_files(storage: Storage, uri: str) -> list[str]:
 
 def read_file_stats(storage: Storage, file_uri: str) -> FileStats:
     """Index/strength/score columns of one committed file, reading only those column chunks."""
-    fs, path = storage.fs(file_uri)
     try:
-        size = int(fs.size(path))
-        with fs.open(path, "rb") as fh:
+        with storage.open_input(file_uri) as fh:
+            size = fh.length
             table = pq.read_table(fh, columns=STAT_COLUMNS)
+    except StorageError:
+        raise
     except (OSError, pa.ArrowInvalid) as exc:
         raise SynthesisError(f"cannot read committed shard {redact(file_uri)}: {exc}") from exc
     start, end = parse_part_name(file_uri) or (-1, -1)

@@ -23,7 +23,11 @@ from engine import ray_local
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
 from engine.data.shards import MANIFEST
-from engine.storage import Storage, join, redact
+from engine.rates import rate, rate_note
+from engine.errors import surfaced
+from engine.ray_local import Needs
+from engine.storage import Storage, StorageError, join, redact
+from engine.watchdog import Watchdog, free_resources, labels_for
 from engine.synthesis.filter import clip_threshold, kept_mask
 from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, versions, write_manifest
 from engine.synthesis.plan import PlanSpec, build_plan, is_gen, plain_prompts, uses_adapter
@@ -90,14 +94,12 @@ def folder_fingerprint(path: str) -> str:
 
 def remote_fingerprint(storage: Storage, uri: str) -> str:
     """Like folder_fingerprint for a model in object storage, from a listing: no multi-GB download on the driver."""
-    fs, root = storage.fs(uri)
     h = hashlib.sha256()
-    for path in sorted(fs.find(root)):
-        rel = path[len(root.rstrip("/")) + 1:]
-        size = int(fs.size(path))
+    for path, size in storage.walk_files(uri, sizes=True):
+        rel = path[len(uri.rstrip("/")) + 1:]
         h.update(f"{rel}\x1f{size}\x1e".encode())
         if size <= _SMALL_FILE and rel.endswith(".json"):
-            h.update(fs.cat_file(path))
+            h.update(storage.read_bytes(path))
     return h.hexdigest()[:16]
 
 
@@ -168,13 +170,22 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
 
 # --- the stream --------------------------------------------------------------------------------
 
-def resource_needs(config: ExperimentConfig) -> dict[str, float]:
+def resource_needs(config: ExperimentConfig) -> Needs:
     """The least the stream must hold at once: the minimum Translator pool, one scorer, one task per CPU stage."""
     syn = config.synthesis
-    return {
-        "CPU": syn.min_actors * syn.cpus_per_actor + syn.cpus_per_actor + 2 * syn.cpus_per_task,
-        "GPU": syn.min_actors * syn.num_gpus_per_actor + syn.clip_num_gpus,
-    }
+    return Needs(cpu=syn.min_actors * syn.cpus_per_actor + syn.cpus_per_actor + 2 * syn.cpus_per_task,
+                 gpu=syn.min_actors * syn.num_gpus_per_actor + syn.clip_num_gpus, what="synthesis",
+                 keys="synthesis.min_actors x synthesis.cpus_per_actor (Translators) + synthesis.cpus_per_actor "
+                      "(one ClipScorer) + 2 x synthesis.cpus_per_task (reference and sink tasks); GPUs: "
+                      "synthesis.min_actors x synthesis.num_gpus_per_actor + synthesis.clip_num_gpus")
+
+
+def operator_labels(config: ExperimentConfig) -> dict[Any, str]:
+    """The stream's operators by the resources each of their tasks/actors asks for (for stall warnings)."""
+    syn = config.synthesis
+    return labels_for([({"CPU": syn.cpus_per_task}, "reference-loading / shard-writing tasks"),
+                       ({"CPU": syn.cpus_per_actor, "GPU": syn.num_gpus_per_actor}, "Translator actors"),
+                       ({"CPU": syn.cpus_per_actor, "GPU": syn.clip_num_gpus}, "ClipScorer actors")])
 
 
 def visible_gpus() -> int:
@@ -191,34 +202,22 @@ def visible_gpus() -> int:
 def check_local_gpus(config: ExperimentConfig) -> None:
     """Before anything is written: a local run asking for more GPUs than the machine has fails now."""
     needs = resource_needs(config)
-    if needs["GPU"] <= 0 or ray_local.joins_cluster():
+    if needs.gpu <= 0 or ray_local.joins_cluster():
         return
     gpus = visible_gpus()
-    if needs["GPU"] > gpus:
+    if needs.gpu > gpus:
         raise SynthesisError(
-            f"synthesis needs {needs['GPU']:g} GPU(s) (synthesis.min_actors x num_gpus_per_actor + clip_num_gpus) "
+            f"synthesis needs {needs.gpu:g} GPU(s) (synthesis.min_actors x num_gpus_per_actor + clip_num_gpus) "
             f"but this machine has {gpus}: set synthesis.num_gpus_per_actor=0 and synthesis.clip_num_gpus=0 "
             "to run on CPU, or join a GPU cluster (RAY_ADDRESS / ray job submit)"
         )
 
 
 def ensure_ray(config: ExperimentConfig) -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s), or start a local one that fits the stream.
-
-    A local instance cannot grow, so one that lacks what the stream needs is an error here (the stream
-    would wait forever); a joined cluster may autoscale, so a shortfall there is only logged.
-    """
-    import ray
-
-    needs = resource_needs(config)
+    """Join the cluster in RAY_ADDRESS (or `ray job submit`'s, or the one this process runs), or start a
+    local one that fits the stream; a cluster that can never hold the stream is an error (engine.ray_local)."""
     check_local_gpus(config)
-    if not ray_local.ensure_ray(min_cpus=needs["CPU"]):
-        have = ray.cluster_resources()
-        short = {k: v for k, v in needs.items() if v > have.get(k, 0.0) + 1e-9}
-        if short:
-            log.warning("the Ray cluster has %s now but synthesis needs at least %s: waiting for the autoscaler "
-                        "(lower synthesis.min_actors / cpus_per_actor / cpus_per_task / num_gpus_per_actor "
-                        "if none is coming)", {k: have.get(k, 0.0) for k in needs}, needs)
+    ray_local.ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
 
 
 class Progress:
@@ -285,6 +284,19 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
         yield stats_from_rows(row)
 
 
+def stall_watchdog(job: Job) -> Watchdog:
+    """Warns when no shard commits for `cluster.stall_warn_factor` x the usual interval (`cluster.stall_warn_s` before
+    the first), or when stream requests wait that long for resources, naming the operators."""
+    run_cfg = job.config.cluster
+
+    def idle(seconds: float) -> str:
+        return (f"nothing committed to {redact(job.output)} for {seconds:.0f} s; shard writes and reads are bounded "
+                f"by storage.max_stall_s ({job.storage.max_stall_s:g} s), so a stalled store fails the job; "
+                f"resources free now: {free_resources()}")
+
+    return Watchdog("synthesis", run_cfg.stall_warn_s, run_cfg.stall_warn_factor, operator_labels(job.config), idle)
+
+
 # --- finishing ---------------------------------------------------------------------------------
 
 def check_exactly_once(files: list[FileStats], total: int) -> np.ndarray:
@@ -309,8 +321,28 @@ def manifest_config(config: ExperimentConfig) -> dict[str, Any]:
     return {k: data[k] for k in ("run", "dataset", "model", "synthesis") if k in data}
 
 
-def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, written: int,
-           steady: float | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StreamTiming:
+    """What the driver measured of this call's stream: files and rows written, the whole stream's time,
+    and the window after the first commit (start-up excluded) for the steady rate."""
+
+    files: int = 0
+    rows: int = 0
+    stream_s: float = 0.0
+    steady_rows: int = 0
+    steady_s: float = 0.0
+
+    def rates(self) -> dict[str, Any]:
+        """images/s over the stream and in steady state, each None (with a note) below the minimum window."""
+        steady_files = max(self.files - 1, 0)
+        notes = [n for n in (rate_note(self.stream_s, self.files, "images_per_s"),
+                             rate_note(self.steady_s, steady_files, "steady_images_per_s")) if n]
+        return {"images_per_s": rate(self.rows, self.stream_s, self.files),
+                "steady_images_per_s": rate(self.steady_rows, self.steady_s, steady_files),
+                "rate_note": "; ".join(notes) or None}
+
+
+def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTiming) -> dict[str, Any]:
     syn = job.config.synthesis
     files = sorted(files, key=lambda f: f.start)
     indices = check_exactly_once(files, job.total)
@@ -333,15 +365,14 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, stream_s: float, 
         "versions": versions(),
         "counts": {"planned": job.total, "rows": int(len(indices)), "files": len(files), "kept": kept,
                    "dropped": int(len(indices)) - kept, "skipped_references": len(job.skipped),
-                   "written_last_run": written},
+                   "written_last_run": timing.rows},
         "skipped_references": job.skipped,
         "filter_quantile": syn.filter_quantile,
         "clip_threshold": threshold,
         "files": [f.summary() for f in files],
         "elapsed_s": round(elapsed_s, 3),
-        "stream_s": round(stream_s, 3),
-        "images_per_s": round(written / stream_s, 4) if stream_s > 0 and written else None,
-        "steady_images_per_s": round(steady, 4) if steady else None,
+        "stream_s": round(timing.stream_s, 3),
+        **timing.rates(),
     }
     write_manifest(job.storage, job.output, manifest)
     return manifest
@@ -358,6 +389,7 @@ def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int
         "resumed_rows": resumed, "skipped_references": counts["skipped_references"],
         "elapsed_s": round(elapsed_s, 3), "images_per_s": manifest["images_per_s"] if written else None,
         "steady_images_per_s": manifest.get("steady_images_per_s") if written else None,
+        "rate_note": manifest.get("rate_note") if written else None,
         "injected_actor_failures": injected_failures,
     }
 
@@ -394,19 +426,21 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
         t_stream = time.perf_counter()
         marker = os.path.join(tempfile.gettempdir(), f"diffmix-fail-{uuid.uuid4().hex}") if syn.fail_actor_after else None
         progress = Progress(int(done.size), job.total, syn.log_every_s)
-        for stats in stream(job, windows, marker):
-            new.append(stats)
-            progress.update(len(stats.index))
-            if first is None:
-                first = (time.perf_counter(), len(stats.index))
+        with stall_watchdog(job) as watchdog, surfaced(StorageError):
+            for stats in stream(job, windows, marker):
+                new.append(stats)
+                watchdog.beat()
+                progress.update(len(stats.index))
+                if first is None:
+                    first = (time.perf_counter(), len(stats.index))
         if marker and os.path.exists(marker):  # the test hook fired: an actor died and Ray replaced it
             injected = 1
             os.unlink(marker)
     t_end = time.perf_counter()
-    stream_s = t_end - t_stream
     written = int(sum(len(f.index) for f in new))
-    steady = (written - first[1]) / (t_end - first[0]) if first and len(new) > 1 and t_end > first[0] else None
-    manifest = finish(job, committed + new, t_end - t0, stream_s, written, steady)
+    timing = StreamTiming(len(new), written, t_end - t_stream, written - first[1] if first else 0,
+                          t_end - first[0] if first else 0.0)
+    manifest = finish(job, committed + new, t_end - t0, timing)
     log.info("synthesis: %d rows in %d files, CLIP threshold %s keeps %d; %s", job.total, len(committed) + len(new),
              manifest["clip_threshold"], manifest["counts"]["kept"], redact(job.output))
     return summary(job, manifest, written, len(new), int(done.size), time.perf_counter() - t0, injected)

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any, Iterator
 
 S3_ACCESS_KEY = "diffmix-test-access"
 S3_SECRET_KEY = "diffmix-test-secret-key"
@@ -62,7 +65,30 @@ class S3Server:
         fs.mkdir(name)
         return f"s3://{name}"
 
+    def pause(self) -> None:
+        """SIGSTOP the server: connections still open (the kernel accepts them) but nothing answers,
+        which is what a network partition or an overloaded gateway looks like to a client."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    @contextmanager
+    def stalled(self, seconds: float | None = None) -> Iterator[None]:
+        """Paused inside the block; with `seconds`, resumed by a timer after that long (a short stall)."""
+        timer = threading.Timer(seconds, self.resume) if seconds is not None else None
+        self.pause()
+        if timer is not None:
+            timer.start()
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.resume()
+
     def stop(self) -> None:
+        self.resume()  # a stopped process ignores SIGTERM until continued
         self.proc.terminate()
         try:
             self.proc.wait(timeout=15)

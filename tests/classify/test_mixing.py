@@ -12,7 +12,6 @@ from dataclasses import replace
 
 from engine.classify.mixing import (
     NO_SYNTHETIC,
-    InlineEpoch,
     StreamSettings,
     SyntheticSelection,
     epoch_batches,
@@ -20,10 +19,10 @@ from engine.classify.mixing import (
     epoch_plan,
     eval_dataset,
     open_selection,
-    put_blocks,
     worker_share,
 )
 from engine.config import load_config
+from engine.data.epochs import InlineEpoch, put_blocks
 from engine.data import load_dataset, make_table
 from engine.data.shards import ShardError, SyntheticSet, parse_part_name
 from engine.storage import Storage

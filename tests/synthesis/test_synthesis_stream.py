@@ -174,6 +174,20 @@ def test_resume_after_the_driver_is_killed(baseline, tiny_cache, tmp_path, ray_s
     assert final.equals(rows)
 
 
+def test_a_resume_writing_two_files_reports_no_rate(baseline, tiny_cache, tmp_path):
+    """Two files are too short a window for a rate: the summary says so instead of printing a wild number."""
+    _, summary, rows = baseline
+    folder = tmp_path / "set"
+    shutil.copytree(output_of(summary), folder)
+    for name in ("part-00000008-00000012.parquet", "part-00000020-00000024.parquet", MANIFEST):
+        (folder / name).unlink()
+    resumed = run(config(tiny_cache, str(tmp_path), f"synthesis.output={folder}"))
+    assert resumed["written"] == 8 and resumed["files_written"] == 2
+    assert resumed["images_per_s"] is None and resumed["steady_images_per_s"] is None
+    assert "window of 2 unit(s) < 3" in resumed["rate_note"]
+    assert read_rows(Storage(), str(folder)).equals(rows)
+
+
 def test_translator_dying_mid_run_is_replaced_and_rows_are_exact(baseline, tiny_cache, tmp_path):
     _, _, rows = baseline
     result = run(config(tiny_cache, str(tmp_path), "synthesis.fail_actor_after=3"))

@@ -1,0 +1,48 @@
+"""Finding the engine's own error inside what Ray hands back.
+
+An error raised in a Ray task, a Ray Data operator or a Ray Train worker reaches the driver wrapped
+(RayTaskError, UserCodeException, WorkerGroupError, ...). The engine's errors carry one line that names
+the thing (a URI, a file, a key); `find_cause` digs it out so a stage can fail with that line.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def find_cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The innermost `kind` in `exc`'s chain (causes, contexts, Ray's `.cause`, Train's per-worker failures).
+
+    Innermost, because Ray re-raises a task's error as a class deriving from both RayTaskError and the
+    error's own class, whose text is a whole traceback; the original below it holds the one line."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    found: E | None = None
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, kind):
+            found = err
+        nested = [err.__cause__, err.__context__, getattr(err, "cause", None)]
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            nested += list(failures.values())
+        todo += [n for n in nested if isinstance(n, BaseException)]
+    return found
+
+
+@contextmanager
+def surfaced(kind: type[E]) -> Iterator[None]:
+    """Inside the block, an error wrapping a `kind` (raised in a task, operator or worker) is re-raised as a
+    plain `kind` with the original's first line, so the stage fails with the line that names the thing."""
+    try:
+        yield
+    except Exception as exc:  # re-raised as it is unless it wraps a `kind`
+        cause = find_cause(exc, kind)
+        if cause is None or cause is exc:
+            raise
+        raise kind(str(cause).splitlines()[0]) from exc
