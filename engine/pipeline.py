@@ -45,7 +45,9 @@ def sweep(config: ExperimentConfig) -> dict[str, Any]:
     """`diffmix sweep`: the classifier grid on Ray Tune, synthesizing missing strength sets first."""
     from engine.classify.tune import run_sweep, sweep_needs
 
-    stages = ["sweep"] + (["synthesize"] if config.sweep.strengths else [])
+    # a strength set, or the default set when no classify.synthetic is given, may have to be made first
+    makes_sets = bool(config.sweep.strengths) or (any(p > 0 for p in config.sweep.p) and not config.classify.synthetic)
+    stages = ["sweep"] + (["synthesize"] if makes_sets else [])
     start_ray_for(config, stages, "sweep", size_for=[sweep_needs(config, config.sweep.max_concurrent_trials)])
     return run_sweep(config, ensure_synthetic=ensure_synthetic)
 

@@ -51,6 +51,14 @@ class Needs:
         return Needs(cpu.cpu, gpu.gpu, what, keys)
 
 
+def local_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's or `taskset`'s limit), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def joins_cluster() -> bool:
     """True when this process is (or will be) on an existing cluster rather than a local one of its own."""
     import ray
@@ -81,7 +89,7 @@ def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False,
         ray.init()
     else:
         local_train_env()
-        cpus = max(os.cpu_count() or 1, math.ceil(size_for.cpu if size_for else 0))
+        cpus = max(local_cpus(), math.ceil(size_for.cpu if size_for else 0))
         log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
         ray.init(num_cpus=cpus, **init_kwargs)
         started = True
