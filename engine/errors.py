@@ -13,7 +13,8 @@ E = TypeVar("E", bound=BaseException)
 
 
 def find_cause(exc: BaseException, kind: type[E]) -> E | None:
-    """The innermost `kind` in `exc`'s chain (causes, contexts, Ray's `.cause`, Train's per-worker failures).
+    """The innermost `kind` in `exc`'s chain (causes, contexts, Ray's `.cause`, Train's worker and controller
+    failures).
 
     Innermost, because Ray re-raises a task's error as a class deriving from both RayTaskError and the
     error's own class, whose text is a whole traceback; the original below it holds the one line."""
@@ -27,7 +28,8 @@ def find_cause(exc: BaseException, kind: type[E]) -> E | None:
         seen.add(id(err))
         if isinstance(err, kind):
             found = err
-        nested = [err.__cause__, err.__context__, getattr(err, "cause", None)]
+        nested = [err.__cause__, err.__context__, getattr(err, "cause", None),
+                  getattr(err, "controller_failure", None)]
         failures = getattr(err, "worker_failures", None)
         if isinstance(failures, dict):
             nested += list(failures.values())
@@ -46,3 +48,12 @@ def surfaced(kind: type[E]) -> Iterator[None]:
         if cause is None or cause is exc:
             raise
         raise kind(str(cause).splitlines()[0]) from exc
+
+
+def raise_original_errors() -> None:
+    """Ray Data map tasks created in this process raise the function's own exception: wrapped in a
+    UserCodeException its cause would not survive the trip to the driver (exceptions pickle without
+    their chain), and with it the one line naming the URI or file."""
+    import ray.data
+
+    ray.data.DataContext.get_current().raise_original_map_exception = True

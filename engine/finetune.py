@@ -34,7 +34,7 @@ from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fin
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
-from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
+from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, join, redact
 
@@ -175,7 +175,7 @@ class _Progress:
 
 
 def _report(p: Any, step: int, progress: _Progress, metrics: dict[str, Any], rank: int, checkpoint: bool,
-            final: bool) -> None:
+            final: bool, uri: str) -> None:
     """ray.train.report on every worker (a barrier); rank 0 attaches a checkpoint when asked."""
     import ray.train
     import torch
@@ -190,7 +190,7 @@ def _report(p: Any, step: int, progress: _Progress, metrics: dict[str, Any], ran
             summary["files"] = p.save_artifact_files(os.path.join(tmp, ARTIFACT_SUBDIR))
         with open(os.path.join(tmp, PROGRESS_FILE), "w") as fh:
             json.dump(summary, fh)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        report_checkpoint(metrics, tmp, uri)
 
 
 def decode_split(train: pa.Table, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +288,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 if rank == 0:
                     log.info("step %d/%d loss %.4f%s", step, total, metrics["loss"],
                              f", {metrics['steps_per_s']:.2f} steps/s" if metrics["steps_per_s"] else "")
-                _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final)
+                _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final, uri=cfg["checkpoints"])
             if final:
                 break
         epoch, skip = epoch + 1, 0
@@ -296,7 +296,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             raise RuntimeError("an epoch of the train shard gave no full batch: dataset smaller than the batch")
     if step == resumed_from and step > 0:  # restored at the end already (e.g. the artifact was deleted)
         _report(p, step, progress, {**metrics, "loss": history[-1][1] if history else None}, rank,
-                checkpoint=True, final=True)
+                checkpoint=True, final=True, uri=cfg["checkpoints"])
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def make_loop_config(config: ExperimentConfig, spec: dict[str, Any], base: Model
                      batch_size: int, num_workers: int, log_every: int, checkpoint_every: int,
                      cpus_per_worker: float, use_gpu: bool, labels: np.ndarray, num_classes: int,
                      trainer: str = "personalize", train: Any = None, arrays: Any = None,
-                     fail_at_step: int | None = None, failure_marker: str = "") -> dict[str, Any]:
+                     fail_at_step: int | None = None, failure_marker: str = "", checkpoints: str = "") -> dict[str, Any]:
     """The settings `train_loop` reads (plain values, object refs and a ModelRef: pickled to every worker).
 
     The images come as `train` (an object ref of the id/image/label table, decoded per batch) or `arrays`
@@ -402,7 +402,7 @@ def make_loop_config(config: ExperimentConfig, spec: dict[str, Any], base: Model
         "rows_per_task": ft.rows_per_task, "storage": dataclasses.asdict(Storage.from_config(config)),
         "steps": steps, "worker_batch": batch_size // num_workers, "seed": config.run.seed,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "fail_at_step": fail_at_step,
-        "failure_marker": failure_marker,
+        "failure_marker": failure_marker, "checkpoints": checkpoints,
         # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
         "cpu_threads": None if use_gpu else max(1, round(cpus_per_worker)),
     }
@@ -442,7 +442,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                                    checkpoint_every=ft.checkpoint_every, cpus_per_worker=ft.cpus_per_worker,
                                    use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
                                    num_classes=ds.num_classes, train=ray.put(ds.train.select(["image", "label"])),
-                                   fail_at_step=ft.fail_at_step,
+                                   fail_at_step=ft.fail_at_step, checkpoints=join(ray_uri, name),
                                    failure_marker=join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"))
     trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,
                            num_workers=ft.num_workers, gpu=use_gpu, cpus_per_worker=ft.cpus_per_worker,
@@ -451,7 +451,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
              key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
              "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))
     result = fit_watched(trainer, "finetune", config.cluster,
-                         train_labels("finetune", ft.cpus_per_worker, use_gpu, ft.data_cpus))
+                         train_labels("finetune", ft.cpus_per_worker, use_gpu, ft.data_cpus), join(ray_uri, name))
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {key} finished without a checkpoint (see {redact(join(ray_uri, name))})")
     metrics = dict(result.metrics or {})

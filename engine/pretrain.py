@@ -120,7 +120,8 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
                                    num_workers=pt.num_workers, log_every=pt.log_every,
                                    checkpoint_every=pt.checkpoint_every, cpus_per_worker=pt.cpus_per_worker,
                                    use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
-                                   num_classes=ds.num_classes, arrays=arrays)
+                                   num_classes=ds.num_classes, arrays=arrays,
+                                   checkpoints=join(work, "ray", f"pt-{phase}-{key}"))
     name = f"pt-{phase}-{key}"
     trainer = make_trainer(train_loop, loop_config, name=name, uri=join(work, "ray"), storage=storage,
                            num_workers=pt.num_workers, gpu=use_gpu, cpus_per_worker=pt.cpus_per_worker,
@@ -129,7 +130,7 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     log.info("pretrain %s phase %s: %d steps, batch %d over %d %s worker(s)", key, phase, steps, pt.batch_size,
              pt.num_workers, "GPU" if use_gpu else "CPU")
     result = fit_watched(trainer, f"pretrain ({phase})", config.cluster,
-                         train_labels("pretrain", pt.cpus_per_worker, use_gpu))
+                         train_labels("pretrain", pt.cpus_per_worker, use_gpu), join(work, "ray", name))
     if result.checkpoint is None:
         raise RuntimeError(f"pretrain phase {phase} finished without a checkpoint ({redact(join(work, 'ray', name))})")
     local = tempfile.mkdtemp(prefix=f"diffmix-pt-{phase}-")

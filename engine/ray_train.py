@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from engine.errors import surfaced
+from engine.errors import find_cause, surfaced
 from engine.ray_local import Needs
-from engine.storage import Storage, StorageError, is_local
+from engine.storage import Storage, StorageError, is_local, redact, transient
 from engine.watchdog import Watchdog, labels_for
 
 
@@ -74,8 +74,32 @@ def train_labels(section: str, cpus_per_worker: float, gpu: bool, data_cpus: flo
     return labels_for(entries)
 
 
-def fit_watched(trainer: Any, what: str, cluster: Any, labels: dict) -> Any:
-    """`trainer.fit()` with the stall watchdog on (requests waiting for resources are named in a warning),
-    and a worker's StorageError surfaced as the stage's error (its line names the URI and the bound)."""
+def fit_watched(trainer: Any, what: str, cluster: Any, labels: dict, checkpoints: str) -> Any:
+    """`trainer.fit()` with the stall watchdog on (requests waiting for resources are named in a warning).
+
+    A worker's StorageError becomes the stage's error (its line names the URI and the bound); so does a
+    timeout or lost connection in Train's own use of the checkpoint storage `checkpoints` (the controller
+    records each checkpoint there; every request is bounded, engine.storage.BoundedS3FileSystem)."""
     with Watchdog(what, cluster.stall_warn_s, cluster.stall_warn_factor, labels), surfaced(StorageError):
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except Exception as exc:  # re-raised as it is unless it is a storage failure (below)
+            if find_cause(exc, StorageError) is not None:
+                raise
+            unreachable = find_cause(exc, OSError)
+            if unreachable is None or not transient(unreachable):
+                raise
+            raise StorageError(f"{what}: Ray Train's checkpoint storage under {redact(checkpoints)} did not "
+                               f"answer ({type(unreachable).__name__}; storage.max_stall_s bounds each request)") from exc
+
+
+def report_checkpoint(metrics: dict[str, Any], folder: str, uri: str) -> None:
+    """`ray.train.report` with the checkpoint in `folder`: Train uploads it under `uri` here, and an upload
+    that fails or stalls (each request bounded, engine.storage) is a StorageError naming where."""
+    import ray.train
+
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    except OSError as exc:  # pyarrow and fsspec errors (FSTimeoutError, ArrowIOError) are OSErrors
+        raise StorageError(f"checkpoint could not be written under {redact(uri)} ({type(exc).__name__}; "
+                           "storage.max_stall_s bounds each request)") from exc

@@ -6,6 +6,7 @@ Endpoints and credentials come from `storage_options` or the environment and are
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import logging
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import fsspec
-from fsspec.asyn import AsyncFileSystem
+from fsspec.asyn import AsyncFileSystem, sync_wrapper
 from fsspec.implementations.local import LocalFileSystem
+from s3fs import S3FileSystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,17 +65,43 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def _transient(exc: BaseException) -> bool:
+def transient(exc: BaseException) -> bool:
+    """Could not reach the store (connection, timeout): worth a bounded retry; a missing file is not."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, _TRANSIENT):
         return True
     cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and _transient(cause)
+    return cause is not None and cause is not exc and transient(cause)
 
 
 # Per-attempt socket timeouts go into s3fs's botocore config; the engine's own loop does the retrying.
 _S3_PROTOCOLS = ("s3", "s3a")
+
+
+class BoundedS3FileSystem(S3FileSystem):
+    """s3fs whose every S3 request has a deadline (`request_timeout`, seconds; None: none).
+
+    Socket timeouts alone do not bound a PUT: against a paused server (SIGSTOP), aiobotocore's PutObject
+    waits for ever while GETs time out. The deadline covers every path that reaches S3 through this
+    filesystem: the engine's Storage calls, and files that Ray Train writes through pyarrow (checkpoints).
+    """
+
+    def __init__(self, *args: Any, request_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_timeout = request_timeout
+
+    async def _call_s3(self, method: Any, *akwarglist: Any, **kwargs: Any) -> Any:
+        call = super()._call_s3(method, *akwarglist, **kwargs)
+        if self.request_timeout is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.request_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"S3 {method if isinstance(method, str) else 'request'} did not answer within "
+                               f"{self.request_timeout:g} s") from None
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs binds its own _call_s3 here; files (S3File) write through it
 
 
 def _is_async(fs: fsspec.AbstractFileSystem) -> bool:
@@ -111,6 +139,8 @@ class Storage:
             return {}
         options = copy.deepcopy(self.storage_options)
         if fsspec.core.split_protocol(uri)[0] in _S3_PROTOCOLS:
+            # other processes (Ray workers) write the folders this one lists: never answer from a stale listing
+            options.setdefault("use_listings_cache", False)
             botocore = options.setdefault("config_kwargs", {})
             botocore.setdefault("connect_timeout", self.connect_timeout_s)
             botocore.setdefault("read_timeout", self.read_timeout_s)
@@ -118,7 +148,13 @@ class Storage:
         return options
 
     def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri) if is_local(uri) else uri, **self.options_for(uri))
+        options = self.options_for(uri)
+        if not is_local(uri) and fsspec.core.split_protocol(uri)[0] in _S3_PROTOCOLS:
+            # Storage calls carry their own deadline (fsspec's timeout=, which fires first); the request
+            # deadline bounds what reaches S3 without one (pyarrow writes of Ray Train checkpoints)
+            fs = BoundedS3FileSystem(request_timeout=2 * self.max_stall_s, **options)
+            return fs, fs._strip_protocol(uri)
+        fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri) if is_local(uri) else uri, **options)
         return fs, path
 
     def _call(self, uri: str, what: str, fn: Callable[[fsspec.AbstractFileSystem, str, dict[str, Any]], T],
@@ -135,7 +171,7 @@ class Storage:
             try:
                 return fn(fs, path, kw)
             except Exception as exc:  # classified below; non-transient errors propagate unchanged
-                if not _transient(exc):
+                if not transient(exc):
                     raise
                 elapsed = time.monotonic() - start
                 wait = self.retry_wait_s * (2 ** attempt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from engine.data.epochs import balanced_copies, locate
 from engine.finetune import FinetuneError, augment, epoch_batches, run
 from engine.models import ModelError, load_img2img_pipeline, resolve_model
 from engine.models.adapters import load_adapter, read_adapter_info
-from engine.storage import Storage, join
+from engine.storage import Storage, StorageError, join
+from engine.testing.background import Background, wait_for_files
 from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
 
 
@@ -132,7 +134,14 @@ def test_same_config_writes_byte_identical_adapter_streamed_or_inline(tidb, tmp_
     assert again["loss_history"] == summary["loss_history"]
 
 
-def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cache, caplog):
+@pytest.fixture(scope="module")
+def ti_unbroken(ray_session, tmp_path_factory, tiny_cache):
+    """An uninterrupted `ti` run (6 steps, checkpoints every 2): what resumed runs must equal, byte for byte."""
+    return run(_config(tmp_path_factory.mktemp("ft-unbroken"), tiny_cache, "unbroken", "finetune.strategy=ti",
+                       "finetune.steps=6", "finetune.checkpoint_every=2"))
+
+
+def test_worker_failure_resumes_from_checkpoint(ti_unbroken, tmp_path, tiny_cache, caplog):
     config = _config(tmp_path, tiny_cache, "resume", "finetune.strategy=ti", "finetune.steps=6",
                      "finetune.checkpoint_every=2", "finetune.fail_at_step=4", "finetune.max_failures=2")
     caplog.set_level(logging.INFO, logger="engine.finetune")
@@ -144,10 +153,8 @@ def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cach
     marker = Path(summary["checkpoints"]) / "injected-failure-4"
     assert marker.is_file()
     # the resumed run continues mid-epoch exactly: its embeddings equal an uninterrupted run's, byte for byte
-    plain_run = run(_config(tmp_path, tiny_cache, "unbroken", "finetune.strategy=ti", "finetune.steps=6",
-                            "finetune.checkpoint_every=2"))
-    assert plain_run["resumed_from_step"] == 0
-    assert _weight_files(plain_run["artifact"]) == _weight_files(summary["artifact"])
+    assert ti_unbroken["resumed_from_step"] == 0
+    assert _weight_files(ti_unbroken["artifact"]) == _weight_files(summary["artifact"])
     # ti trains no LoRA: the artifact has embeddings only, and the UNet of a loaded pipeline is the base's
     info = read_adapter_info(summary["artifact"])
     assert info.lora_file is None and len(info.embedding_files) == 10
@@ -157,6 +164,43 @@ def test_worker_failure_resumes_from_checkpoint(ray_session, tmp_path, tiny_cach
     assert all(torch.equal(v, plain.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
     vocab = plain.text_encoder.get_input_embeddings().weight
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[: vocab.shape[0]], vocab)
+
+
+def _stall_config(tmp: Path, cache: Path, s3_server, bucket: str, name: str, *overrides: str) -> ExperimentConfig:
+    config = _config(tmp, cache, name, f"run.output={bucket}/runs", "finetune.strategy=ti", "finetune.steps=6",
+                     "finetune.checkpoint_every=2", "storage.connect_timeout_s=1", "storage.read_timeout_s=1",
+                     "storage.max_stall_s=4", "storage.retries=1", "storage.retry_wait_s=0.2", *overrides)
+    config.storage.storage_options = {"key": S3_ACCESS_KEY, "secret": S3_SECRET_KEY,
+                                      "client_kwargs": {"endpoint_url": s3_server["endpoint_url"]}}
+    return config
+
+
+@pytest.mark.s3
+def test_checkpoint_writes_fail_within_bound_on_a_stalled_store_and_a_rerun_resumes(
+        ti_unbroken, tmp_path, tiny_cache, s3_server, s3_bucket):
+    """SeaweedFS paused (SIGSTOP) while Ray Train writes checkpoints there, for longer than the bound: the run
+    fails with the checkpoint URI named within it (it used to wait for ever), and a rerun after the store is
+    back resumes from the last checkpoint to the same bytes as an uninterrupted local run."""
+    long = _stall_config(tmp_path, tiny_cache, s3_server, s3_bucket, "long", "finetune.max_failures=0")
+    storage = Storage.from_config(long)
+    job = Background(lambda: run(long))
+    wait_for_files(storage, f"{s3_bucket}/runs/long/finetune-ray",
+                   lambda f: "/checkpoint_" in f and f.endswith("train_state.pt"), 1, job)
+    with s3_server["server"].stalled():
+        paused_at = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            job.join(120)
+        took = job.finished_at - paused_at
+    assert f"{s3_bucket}/runs/long/finetune-ray" in str(err.value), str(err.value)
+    assert took < 2 * 4 + 30, f"failed {took:.1f} s after the store stalled"
+    again = run(long)
+    assert again["resumed_from_step"] >= 2
+    assert _weight_files_at(storage, again["artifact"]) == _weight_files(ti_unbroken["artifact"])
+
+
+def _weight_files_at(storage: Storage, adapter: str) -> dict[str, bytes]:
+    return {f[len(adapter) + 1:]: storage.read_bytes(f) for f in storage.walk_files(adapter)
+            if f.endswith(".safetensors")}
 
 
 @pytest.mark.s3

@@ -39,7 +39,7 @@ from engine.data.shards import MANIFEST, ShardError
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
-from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
+from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 
@@ -146,7 +146,7 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
              cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
              redact(output))
     result = fit_watched(trainer, "classify", config.cluster,
-                         train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus))
+                         train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus), join(output, "train"))
     metrics = {k: v for k, v in (result.metrics or {}).items() if _jsonable(v)}
     summary = {
         "output": output,
@@ -336,7 +336,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                                 "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                    report_checkpoint(metrics, tmp, join(output, "train"))
                 else:
                     ray.train.report(metrics)
         else:

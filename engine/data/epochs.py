@@ -81,10 +81,14 @@ def locate(step: int, batches_in_epoch: Callable[[int], int]) -> tuple[int, int]
 
 
 def ordered() -> None:
-    """Ray Data streams created in this process yield rows in input order (not task completion order)."""
+    """Ray Data streams created in this process yield rows in input order (not task completion order),
+    and their tasks' errors arrive as themselves (engine.errors.raise_original_errors)."""
     import ray.data
 
+    from engine.errors import raise_original_errors
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    raise_original_errors()
 
 
 # --- blocks of rows in the object store --------------------------------------------------------

@@ -24,7 +24,7 @@ from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
 from engine.data.shards import MANIFEST
 from engine.rates import rate, rate_note
-from engine.errors import surfaced
+from engine.errors import raise_original_errors, surfaced
 from engine.ray_local import Needs
 from engine.storage import Storage, StorageError, join, redact
 from engine.watchdog import Watchdog, free_resources, labels_for
@@ -255,6 +255,7 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
     import ray
     from ray.data import ActorPoolStrategy
 
+    raise_original_errors()
     syn = job.config.synthesis
     size = syn.resolution
     gen = is_gen(syn.strategy)

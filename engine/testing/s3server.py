@@ -71,7 +71,8 @@ class S3Server:
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     @contextmanager
     def stalled(self, seconds: float | None = None) -> Iterator[None]:

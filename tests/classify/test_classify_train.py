@@ -1,6 +1,7 @@
 """The classifier stage end to end on the session's Ray cluster: a short run on the built-in digits
 (real + synthetic shards) beats chance, and a run whose worker fails resumes from its checkpoint."""
 import json
+import time
 
 import pytest
 
@@ -9,7 +10,9 @@ from engine.cli import resolve_stage
 from engine.config import load_config
 from engine.data import load_dataset
 from engine.data.shards import ShardError
-from engine.storage import Storage
+from engine.storage import Storage, StorageError
+from engine.testing.background import Background
+from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
 from engine.testing.synthetic import write_synthetic_set
 
 FAST = ["classify.backbone=small_cnn", "classify.resolution=32", "classify.batch_size=32",
@@ -86,3 +89,42 @@ def test_same_config_trains_the_same_classifier(ray_session, tmp_path):
     first, second = (fit(config, inputs, output=str(tmp_path / name))["metrics"] for name in ("a", "b"))
     assert first["synthetic_rows"] > 0
     assert {k: first[k] for k in ("train_loss", "top1")} == {k: second[k] for k in ("train_loss", "top1")}
+
+
+@pytest.mark.s3
+def test_shard_reads_fail_within_bound_on_a_stalled_store_and_a_rerun_matches(ray_session, tmp_path, s3_server,
+                                                                               s3_bucket):
+    """The synthetic set lives on SeaweedFS; it is paused (SIGSTOP) mid-training for longer than the bound.
+    The run fails with the shard's URI named within the bound (each epoch reads shards), and a rerun after
+    the store is back resumes from its last checkpoint to the same loss and accuracy as an unbroken run."""
+    stall = [f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
+             f"client_kwargs: {{endpoint_url: '{s3_server['endpoint_url']}'}}}}",
+             "storage.connect_timeout_s=1", "storage.read_timeout_s=1", "storage.max_stall_s=4",
+             "storage.retries=1", "storage.retry_wait_s=0.2"]
+    base = load_config(None, [f"run.output={tmp_path}", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
+                              *stall])
+    digits = load_dataset(base)
+    syn = f"{s3_bucket}/syn"
+    write_synthetic_set(syn, Storage.from_config(base), digits.class_names, digits.train.column("image").to_pylist(),
+                        digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=25)
+    config = load_config(None, [f"run.output={tmp_path}", *FAST, *stall, "dataset.subset.kind=few_shot",
+                                "dataset.subset.shots=5", "classify.epochs=30", "classify.eval_every=30",
+                                "classify.p=0.5", f"classify.synthetic={syn}", "classify.max_failures=0"])
+    inputs = prepare_inputs(config, load_dataset(config))
+    unbroken = fit(config, inputs, output=str(tmp_path / "unbroken"))["metrics"]
+
+    out = tmp_path / "stalled"
+    job = Background(lambda: fit(config, inputs, output=str(out)))
+    deadline = time.monotonic() + 300
+    while not list((out / "train").glob("checkpoint_*")) and not job.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with s3_server["server"].stalled():
+        paused_at = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            job.join(120)
+        took = job.finished_at - paused_at
+    assert "storage stalled" in str(err.value) and f"{syn}/part-" in str(err.value), str(err.value)
+    assert took < 4 + 30, f"failed {took:.1f} s after the store stalled"
+    again = fit(config, inputs, output=str(out))["metrics"]
+    assert again["resumed_from_epoch"] >= 1 and again["epoch"] == 30
+    assert {k: again[k] for k in ("train_loss", "top1")} == {k: unbroken[k] for k in ("train_loss", "top1")}

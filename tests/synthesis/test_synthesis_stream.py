@@ -21,7 +21,8 @@ from engine.config import ExperimentConfig, load_config
 from engine.data import ImageDataset, encode_png, load_dataset
 from engine.data.builtin import CLASS_NAMES, METACLASS
 from engine.data.shards import MANIFEST, SyntheticSet, parse_part_name
-from engine.storage import Storage, join
+from engine.storage import Storage, StorageError, join
+from engine.testing.background import Background, wait_for_files
 from engine.synthesis import run
 from engine.synthesis.manifest import PLAN_FILE, read_json
 from engine.synthesis.references import ReferenceImageError
@@ -125,6 +126,59 @@ def test_same_config_on_s3_gives_identical_rows(baseline, tiny_cache, s3_server,
     listed = sorted(f.rsplit("/", 1)[-1] for f in committed_files(storage, s3["output"]))
     assert listed == sorted(f["name"] for f in manifest["files"]) and len(listed) == FILES
     assert manifest["counts"]["rows"] == TOTAL and "key" not in str(manifest["config"])
+
+
+def _stall_overrides(s3_server, output: str) -> list[str]:
+    endpoint = s3_server["endpoint_url"]
+    return [f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
+            f"client_kwargs: {{endpoint_url: '{endpoint}'}}}}",
+            "storage.connect_timeout_s=1", "storage.read_timeout_s=1", "storage.max_stall_s=5",
+            "storage.retries=2", "storage.retry_wait_s=0.2", f"synthesis.output={output}"]
+
+
+@pytest.mark.s3
+def test_sink_rides_out_a_short_stall_of_the_store(baseline, tiny_cache, s3_server, s3_bucket):
+    """SeaweedFS paused (SIGSTOP) for 2 s after the first shard commits: writes wait, then go through."""
+    _, _, rows = baseline
+    out = f"{s3_bucket}/short"
+    cfg = config(tiny_cache, f"{s3_bucket}/runs", *_stall_overrides(s3_server, out))
+    storage = Storage.from_config(cfg)
+    job = Background(lambda: run(cfg))
+    wait_for_files(storage, out, lambda f: "/part-" in f, 1, job)
+    with s3_server["server"].stalled():
+        time.sleep(2.0)
+    summary = job.join(timeout=300)
+    assert summary["rows"] == TOTAL
+    assert read_rows(storage, out).equals(rows)
+
+
+@pytest.mark.s3
+def test_sink_fails_within_its_bound_on_a_long_stall_and_a_rerun_finishes(baseline, tiny_cache, s3_server,
+                                                                         s3_bucket):
+    """Paused for longer than storage.max_stall_s (5 s): the job fails with the URI named within the bound
+    (it used to hang for ever), leaves only whole files, and a rerun after the store is back completes
+    the set with the rows of an uninterrupted run."""
+    _, _, rows = baseline
+    out = f"{s3_bucket}/long"
+    cfg = config(tiny_cache, f"{s3_bucket}/runs", *_stall_overrides(s3_server, out))
+    storage = Storage.from_config(cfg)
+    job = Background(lambda: run(cfg))
+    wait_for_files(storage, out, lambda f: "/part-" in f, 1, job)
+    with s3_server["server"].stalled():
+        paused_at = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            job.join(timeout=120)
+        took = job.finished_at - paused_at
+    message = str(err.value)
+    assert "storage stalled" in message and out in message and "within 5 s" in message, message
+    assert took < 5 + 20, f"failed {took:.1f} s after the store stalled"
+    assert "\n" not in message and S3_SECRET_KEY not in message
+    for f in committed_files(storage, out):  # whatever is there is a whole shard
+        assert read_shard(storage, f).num_rows == 4
+    assert not storage.exists(join(out, MANIFEST))
+    again = run(cfg)
+    assert again["rows"] == TOTAL and again["resumed_rows"] >= 4
+    assert read_rows(storage, out).equals(rows)
 
 
 def test_other_seed_differs_and_plan_conflicts_need_overwrite(baseline, tiny_cache, tmp_path):
