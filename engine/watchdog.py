@@ -68,7 +68,6 @@ class Watchdog:
         self.intervals: list[float] = []
         self.pending_since: dict[Shape, float] = {}
         self.warned: set[Any] = set()
-        self.warnings: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -89,7 +88,7 @@ class Watchdog:
 
     # --- checks ------------------------------------------------------------------------------
     def label(self, s: Shape) -> str:
-        return self.labels.get(s, "requests")
+        return self.labels.get(s, "Ray requests (this job's or another's)")
 
     def check(self, now: float | None = None) -> list[str]:
         """The warnings due now (each stall is reported once); also logged."""
@@ -105,8 +104,8 @@ class Watchdog:
             if now - since >= self.warn_after_s and s not in self.warned:
                 self.warned.add(s)
                 out.append(f"{self.stage}: {pending[s]} {self.label(s)} waiting {now - since:.0f} s for "
-                           f"{describe(s)} each; the cluster has {_free()}. Nothing else will free them on a "
-                           "fixed-size cluster: lower the keys named in the stage's resource needs, or add nodes")
+                           f"{describe(s)} each; the cluster has {_free()}. They start when other work frees "
+                           "resources or nodes are added")
         self.warned = {w for w in self.warned if w == "idle" or w in self.pending_since}
         idle_s = now - self.last_beat
         if self.idle is not None and idle_s >= self.idle_limit() and "idle" not in self.warned:
@@ -114,7 +113,6 @@ class Watchdog:
             out.append(f"{self.stage}: {self.idle(idle_s)}")
         for line in out:
             log.warning("%s", line)
-        self.warnings += out
         return out
 
     # --- thread ------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from engine.finetune import FinetuneError, augment, epoch_batches, run
 from engine.models import ModelError, load_img2img_pipeline, resolve_model
 from engine.models.adapters import load_adapter, read_adapter_info
 from engine.storage import Storage, StorageError, join
-from engine.testing.background import Background, wait_for_files
-from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
+from engine.testing.background import Background, wait_until
+from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY, stalling_store_overrides
 
 
 def _config(tmp: Path, cache: Path, name: str, *overrides: str) -> ExperimentConfig:
@@ -167,12 +167,8 @@ def test_worker_failure_resumes_from_checkpoint(ti_unbroken, tmp_path, tiny_cach
 
 
 def _stall_config(tmp: Path, cache: Path, s3_server, bucket: str, name: str, *overrides: str) -> ExperimentConfig:
-    config = _config(tmp, cache, name, f"run.output={bucket}/runs", "finetune.strategy=ti", "finetune.steps=6",
-                     "finetune.checkpoint_every=2", "storage.connect_timeout_s=1", "storage.read_timeout_s=1",
-                     "storage.max_stall_s=4", "storage.retries=1", "storage.retry_wait_s=0.2", *overrides)
-    config.storage.storage_options = {"key": S3_ACCESS_KEY, "secret": S3_SECRET_KEY,
-                                      "client_kwargs": {"endpoint_url": s3_server["endpoint_url"]}}
-    return config
+    return _config(tmp, cache, name, f"run.output={bucket}/runs", "finetune.strategy=ti", "finetune.steps=6",
+                   "finetune.checkpoint_every=2", *stalling_store_overrides(s3_server["endpoint_url"], 4), *overrides)
 
 
 @pytest.mark.s3
@@ -184,8 +180,11 @@ def test_checkpoint_writes_fail_within_bound_on_a_stalled_store_and_a_rerun_resu
     long = _stall_config(tmp_path, tiny_cache, s3_server, s3_bucket, "long", "finetune.max_failures=0")
     storage = Storage.from_config(long)
     job = Background(lambda: run(long))
-    wait_for_files(storage, f"{s3_bucket}/runs/long/finetune-ray",
-                   lambda f: "/checkpoint_" in f and f.endswith("train_state.pt"), 1, job)
+    # Train's own record of the run names a checkpoint: a rerun can resume from it
+    root = f"{s3_bucket}/runs/long/finetune-ray"
+    wait_until(lambda: any(f.endswith("checkpoint_manager_snapshot.json") and "checkpoint_" in storage.read_text(f)
+                           for f in (storage.walk_files(root) if storage.exists(root) else [])),
+               job, "a checkpoint recorded by Ray Train")
     with s3_server["server"].stalled():
         paused_at = time.monotonic()
         with pytest.raises(StorageError) as err:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from engine.testing.background import Background, wait_until
 from engine.watchdog import MIN_IDLE_WARN_S, Watchdog, labels_for, shape
 
 
@@ -68,16 +68,12 @@ def test_starved_stream_is_named_in_a_warning_then_finishes(ray_session, tiny_ca
         "synthesis.num_gpus_per_actor=0", "synthesis.rows_per_file=5", "synthesis.batch_size=5",
         "cluster.stall_warn_s=3"])
     caplog.set_level(logging.WARNING, logger="engine.watchdog")
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(run(config)), daemon=True)
-    worker.start()
+    job = Background(lambda: run(config))
     try:
-        deadline = time.time() + 120
-        while "waiting" not in caplog.text and time.time() < deadline and worker.is_alive():
-            time.sleep(0.5)
+        wait_until(lambda: "waiting" in caplog.text, job, "a warning about waiting requests", timeout=120)
     finally:
         ray_session.kill(hog)
-    worker.join(timeout=300)
+    result = job.join(300)
     warning = next(r.getMessage() for r in caplog.records if "waiting" in r.getMessage())
     assert "Translator actors" in warning and "{CPU: 1}" in warning and "CPU 0.5 of 4 free" in warning
     assert result["written"] == 10 and result["rows"] == 10

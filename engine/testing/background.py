@@ -39,17 +39,24 @@ class Background:
         return self.result
 
 
-def wait_for_files(storage: Storage, uri: str, predicate: Callable[[str], bool], count: int, job: Background,
-                   timeout: float = 300.0, poll_s: float = 0.1) -> list[str]:
-    """Poll `uri` (recursively) until `count` files satisfy `predicate`; fails if the job ends first."""
+def wait_until(condition: Callable[[], bool], job: Background, what: str, timeout: float = 300.0,
+               poll_s: float = 0.1) -> None:
+    """Poll `condition` until it holds; fails if the job ends first or the time runs out."""
     deadline = time.monotonic() + timeout
-    while True:
-        found = [f for f in (storage.walk_files(uri) if storage.exists(uri) else []) if predicate(f)]
-        if len(found) >= count:
-            return found
+    while not condition():
         if job.done:
             job.join(0)
-            raise AssertionError(f"the job finished before {count} matching file(s) appeared under {uri}: {found}")
+            raise AssertionError(f"the job finished before {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{count} matching file(s) did not appear under {uri} within {timeout:g} s")
+            raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(poll_s)
+
+
+def wait_for_files(storage: Storage, uri: str, predicate: Callable[[str], bool], count: int, job: Background,
+                   timeout: float = 300.0) -> None:
+    """Poll `uri` (recursively) until `count` files satisfy `predicate`; fails if the job ends first."""
+    def enough() -> bool:
+        found = storage.walk_files(uri) if storage.exists(uri) else []
+        return sum(1 for f in found if predicate(f)) >= count
+
+    wait_until(enough, job, f"{count} matching file(s) under {uri}", timeout)

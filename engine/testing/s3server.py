@@ -30,6 +30,15 @@ CLIENT_ENV = {
 }
 
 
+def stalling_store_overrides(endpoint_url: str, max_stall_s: float) -> list[str]:
+    """Config overrides for the test store with the test keys and short bounds (1 s sockets, one retry,
+    `max_stall_s` per call), for tests that pause the server."""
+    return [f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
+            f"client_kwargs: {{endpoint_url: '{endpoint_url}'}}}}",
+            "storage.connect_timeout_s=1", "storage.read_timeout_s=1", f"storage.max_stall_s={max_stall_s:g}",
+            "storage.retries=1", "storage.retry_wait_s=0.2"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

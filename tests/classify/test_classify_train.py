@@ -12,7 +12,7 @@ from engine.data import load_dataset
 from engine.data.shards import ShardError
 from engine.storage import Storage, StorageError
 from engine.testing.background import Background
-from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
+from engine.testing.s3server import stalling_store_overrides
 from engine.testing.synthetic import write_synthetic_set
 
 FAST = ["classify.backbone=small_cnn", "classify.resolution=32", "classify.batch_size=32",
@@ -76,7 +76,8 @@ def test_run_rejects_a_synthetic_set_with_other_classes(ray_session, tmp_path):
 
 def test_same_config_trains_the_same_classifier(ray_session, tmp_path):
     """Seeds flow from the config: model init, the replacement plan, crops/flips and batch order, so two
-    runs of one config (small epochs, decoded in the worker) report the same loss and accuracy."""
+    runs of one config report the same loss and accuracy. Their epochs are streamed by Ray Data (the
+    path of real datasets), whose tasks may finish in any order: the stream keeps input order."""
     base = load_config(None, [f"run.output={tmp_path}", "dataset.subset.kind=few_shot", "dataset.subset.shots=5"])
     digits = load_dataset(base)
     syn = str(tmp_path / "syn")
@@ -84,7 +85,8 @@ def test_same_config_trains_the_same_classifier(ray_session, tmp_path):
                         digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=50)
     config = load_config(None, [f"run.output={tmp_path}", *FAST, "dataset.subset.kind=few_shot",
                                 "dataset.subset.shots=5", "classify.epochs=2", "classify.eval_every=2",
-                                "classify.p=0.5", f"classify.synthetic={syn}", "classify.hflip=true"])
+                                "classify.p=0.5", f"classify.synthetic={syn}", "classify.hflip=true",
+                                "classify.inline_rows=0", "classify.rows_per_task=10"])
     inputs = prepare_inputs(config, load_dataset(config))
     first, second = (fit(config, inputs, output=str(tmp_path / name))["metrics"] for name in ("a", "b"))
     assert first["synthetic_rows"] > 0
@@ -97,10 +99,7 @@ def test_shard_reads_fail_within_bound_on_a_stalled_store_and_a_rerun_matches(ra
     """The synthetic set lives on SeaweedFS; it is paused (SIGSTOP) mid-training for longer than the bound.
     The run fails with the shard's URI named within the bound (each epoch reads shards), and a rerun after
     the store is back resumes from its last checkpoint to the same loss and accuracy as an unbroken run."""
-    stall = [f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
-             f"client_kwargs: {{endpoint_url: '{s3_server['endpoint_url']}'}}}}",
-             "storage.connect_timeout_s=1", "storage.read_timeout_s=1", "storage.max_stall_s=4",
-             "storage.retries=1", "storage.retry_wait_s=0.2"]
+    stall = stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=4)
     base = load_config(None, [f"run.output={tmp_path}", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
                               *stall])
     digits = load_dataset(base)

@@ -23,6 +23,7 @@ from engine.data.builtin import CLASS_NAMES, METACLASS
 from engine.data.shards import MANIFEST, SyntheticSet, parse_part_name
 from engine.storage import Storage, StorageError, join
 from engine.testing.background import Background, wait_for_files
+from engine.testing.s3server import stalling_store_overrides
 from engine.synthesis import run
 from engine.synthesis.manifest import PLAN_FILE, read_json
 from engine.synthesis.references import ReferenceImageError
@@ -128,28 +129,26 @@ def test_same_config_on_s3_gives_identical_rows(baseline, tiny_cache, s3_server,
     assert manifest["counts"]["rows"] == TOTAL and "key" not in str(manifest["config"])
 
 
-def _stall_overrides(s3_server, output: str) -> list[str]:
-    endpoint = s3_server["endpoint_url"]
-    return [f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
-            f"client_kwargs: {{endpoint_url: '{endpoint}'}}}}",
-            "storage.connect_timeout_s=1", "storage.read_timeout_s=1", "storage.max_stall_s=5",
-            "storage.retries=2", "storage.retry_wait_s=0.2", f"synthesis.output={output}"]
+def _stalling_job(tiny_cache, s3_server, out: str) -> tuple[Storage, Background]:
+    """A synthesis job writing to `out` on the test store, started once its first shard has committed."""
+    cfg = config(tiny_cache, out.rsplit("/", 1)[0] + "/runs", f"synthesis.output={out}",
+                 *stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=5))
+    storage = Storage.from_config(cfg)
+    job = Background(lambda: run(cfg))
+    wait_for_files(storage, out, lambda f: "/part-" in f, 1, job)
+    return storage, job
 
 
 @pytest.mark.s3
 def test_sink_rides_out_a_short_stall_of_the_store(baseline, tiny_cache, s3_server, s3_bucket):
     """SeaweedFS paused (SIGSTOP) for 2 s after the first shard commits: writes wait, then go through."""
     _, _, rows = baseline
-    out = f"{s3_bucket}/short"
-    cfg = config(tiny_cache, f"{s3_bucket}/runs", *_stall_overrides(s3_server, out))
-    storage = Storage.from_config(cfg)
-    job = Background(lambda: run(cfg))
-    wait_for_files(storage, out, lambda f: "/part-" in f, 1, job)
+    storage, job = _stalling_job(tiny_cache, s3_server, f"{s3_bucket}/short")
     with s3_server["server"].stalled():
         time.sleep(2.0)
     summary = job.join(timeout=300)
     assert summary["rows"] == TOTAL
-    assert read_rows(storage, out).equals(rows)
+    assert read_rows(storage, f"{s3_bucket}/short").equals(rows)
 
 
 @pytest.mark.s3
@@ -160,10 +159,7 @@ def test_sink_fails_within_its_bound_on_a_long_stall_and_a_rerun_finishes(baseli
     the set with the rows of an uninterrupted run."""
     _, _, rows = baseline
     out = f"{s3_bucket}/long"
-    cfg = config(tiny_cache, f"{s3_bucket}/runs", *_stall_overrides(s3_server, out))
-    storage = Storage.from_config(cfg)
-    job = Background(lambda: run(cfg))
-    wait_for_files(storage, out, lambda f: "/part-" in f, 1, job)
+    storage, job = _stalling_job(tiny_cache, s3_server, out)
     with s3_server["server"].stalled():
         paused_at = time.monotonic()
         with pytest.raises(StorageError) as err:
@@ -176,7 +172,8 @@ def test_sink_fails_within_its_bound_on_a_long_stall_and_a_rerun_finishes(baseli
     for f in committed_files(storage, out):  # whatever is there is a whole shard
         assert read_shard(storage, f).num_rows == 4
     assert not storage.exists(join(out, MANIFEST))
-    again = run(cfg)
+    again = run(config(tiny_cache, f"{s3_bucket}/runs", f"synthesis.output={out}",
+                       *stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=5)))
     assert again["rows"] == TOTAL and again["resumed_rows"] >= 4
     assert read_rows(storage, out).equals(rows)
 
