@@ -209,6 +209,9 @@ class SynthesisConfig(Section):
     multiplier: float = Field(default=5.0, gt=0, le=100, description="Plan rows = multiplier x |train|")
     num_inference_steps: int = Field(default=25, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0)
+    sampler: Literal["dpmsolver++", "ddim", "pndm", "euler", "model"] = Field(
+        default="dpmsolver++", description="The paper's DPM-Solver++ (Table 7), built from the model's noise "
+        "schedule; 'model' keeps whatever scheduler the model folder ships (SD-1.5: PNDM)")
     resolution: int = Field(default=512, ge=8, le=2048, description="Side of generated images (multiple of 8)")
     seed: int | None = Field(default=None, ge=0, description="Plan seed; default run.seed")
     strength_run: int = Field(default=8, ge=1, description="Consecutive plan rows sharing one strength")

@@ -29,6 +29,7 @@ from engine.data import ImageDataset, decode, load_dataset
 from engine.data.epochs import (InlineEpoch, WorkerBatches, balanced_copies, cached_get, epoch_order, locate, ordered,
                                 worker_batches)
 from engine.models.base import ModelRef
+from engine.models.settings import model_settings
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
 from engine.ray_local import ensure_ray
@@ -463,7 +464,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "class_names": list(ds.class_names), "metaclass": ds.metaclass,
         "tokens": placeholder_tokens(ds.class_names) if trains_embeddings(ft.strategy) else [],
         "prompts": class_prompts(ft.strategy, ds.class_names, ds.metaclass), "resolution": ft.resolution,
-        "config_hash": key, "dataset_fingerprint": fingerprint, "versions": _versions()})
+        "config_hash": key, "dataset_fingerprint": fingerprint, "versions": _versions(),
+        "model_settings": model_settings(base, "sd")})
     summary = _summary(info, reused=False, resumed_from_step=resumed_from, device="GPU" if use_gpu else "CPU",
                        steps_per_s=metrics.get("run_steps_per_s"),
                        steady_steps_per_s=metrics.get("steady_steps_per_s"),

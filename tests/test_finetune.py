@@ -70,6 +70,9 @@ def test_tidb_trains_and_writes_the_artifact(tidb):
     assert info.tokens[3] == "<three-3>" and info.prompts[3] == "photo of a <three-3> digit"
     assert info.lora_rank == 10 and info.lora_file and len(info.embedding_files) == 10
     assert {"torch", "diffusers", "ray", "peft", "transformers"} <= set(info.versions)
+    # the base folder's noise schedule, latent scale and prompt length are recorded with the adapter
+    assert info.model_settings["noise_schedule"]["num_train_timesteps"] == 1000
+    assert info.model_settings["prompt_max_length"] == 77 and info.model_settings["vae_scaling_factor"] > 0
     files = {p.relative_to(adapter).as_posix() for p in Path(adapter).rglob("*") if p.is_file()}
     assert files == {"adapter.json", "pytorch_lora_weights.safetensors",
                      *(f"embeddings/class-{i:04d}/learned_embeds.safetensors" for i in range(10))}

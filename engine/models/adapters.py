@@ -242,6 +242,7 @@ class AdapterInfo:
     dataset_fingerprint: str
     loss_history: list[list[float]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    model_settings: dict | None = None  # the base folder's noise schedule, latent scale, prompt length
     format_version: int = FORMAT_VERSION
     uri: str = ""
 

@@ -25,6 +25,8 @@ from engine.data import ImageDataset, load_dataset
 from engine.data.shards import MANIFEST
 from engine.rates import rate, rate_note
 from engine.errors import raise_original_errors, surfaced
+from engine.models.sampler import sampler_identity
+from engine.models.settings import model_settings
 from engine.ray_local import Needs
 from engine.storage import Storage, StorageError, join, redact
 from engine.watchdog import Watchdog, free_resources, labels_for
@@ -117,6 +119,12 @@ def model_identity(ref: ModelRef, storage: Storage) -> dict[str, Any]:
     return {"spec": ref.spec}
 
 
+def resolved_settings(ref: ModelRef, kind: str, storage: Storage) -> dict[str, Any] | None:
+    """The folder's own settings (engine.models.settings); remote folders are read in place, not copied."""
+    remote = "://" in ref.spec and not ref.spec.startswith("file://")
+    return model_settings(ref.spec if remote else ref.resolve(storage), kind, storage)
+
+
 @dataclass
 class Job:
     """Everything the driver decided before streaming."""
@@ -132,6 +140,7 @@ class Job:
     clip: ModelRef
     adapter: AdapterRef | None
     skipped: list[str]
+    model_settings: dict[str, Any]
 
     @property
     def total(self) -> int:
@@ -147,12 +156,14 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
     base = ModelRef.from_config(config, "sd", ds.class_names, ds.metaclass)
     clip = ModelRef.from_config(config, "clip", ds.class_names, ds.metaclass)
     base_id, clip_id = model_identity(base, storage), model_identity(clip, storage)
+    settings = {"base": resolved_settings(base, "sd", storage), "clip": resolved_settings(clip, "clip", storage)}
     if is_gen(syn.strategy):
         usable, skipped = np.ones(ds.train.num_rows, dtype=bool), []
     else:
         usable, skipped = check_references(ds.train, config.dataset.skip_bad_images)
     identity = {
         "num_inference_steps": syn.num_inference_steps, "guidance_scale": syn.guidance_scale,
+        "sampler": sampler_identity(syn.sampler),
         "resolution": syn.resolution, "base_model": base_id,
         "clip_model": clip_id, "adapter": adapter.digest if adapter else None,
         "dataset": ds.fingerprint(), "skipped_references": sorted(skipped), "metaclass": ds.metaclass,
@@ -165,7 +176,7 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
                       ds.num_classes, prompts, usable)
     plan_hash = spec.hash()
     output = syn.output or join(config.run.uri, "synthetic", plan_hash)
-    return Job(config, storage, ds, spec, plan, plan_hash, output, base, clip, adapter, skipped)
+    return Job(config, storage, ds, spec, plan, plan_hash, output, base, clip, adapter, skipped, settings)
 
 
 # --- the stream --------------------------------------------------------------------------------
@@ -261,7 +272,7 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
     gen = is_gen(syn.strategy)
     train_ref = None if gen else ray.put(job.dataset.train.select(["id", "image"]))
     blocks = [stream_row(s, e, job.plan.slice(s, e - s)) for s, e in windows]
-    params = TranslateParams(syn.num_inference_steps, syn.guidance_scale, size, syn.batch_size)
+    params = TranslateParams(syn.num_inference_steps, syn.guidance_scale, size, syn.batch_size, syn.sampler)
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(load_references, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
                         fn_kwargs={"train": [train_ref], "resolution": size})
@@ -363,6 +374,8 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTim
         "metaclass": job.dataset.metaclass,
         "resolution": syn.resolution,
         "config": manifest_config(job.config),
+        "sampler": job.spec.identity["sampler"],
+        "model_settings": job.model_settings,
         "versions": versions(),
         "counts": {"planned": job.total, "rows": int(len(indices)), "files": len(files), "kept": kept,
                    "dropped": int(len(indices)) - kept, "skipped_references": len(job.skipped),

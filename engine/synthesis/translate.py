@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.models.base import ModelRef  # noqa: F401  (re-exported: actors take it)
+from engine.models.sampler import PAPER_SAMPLER, set_sampler
 from engine.storage import Storage, redact
 from engine.synthesis.windows import column_to_pixels, map_windows, pixels_to_column
 
@@ -39,6 +40,7 @@ class TranslateParams:
     guidance_scale: float
     resolution: int
     batch_size: int
+    sampler: str = PAPER_SAMPLER
 
 
 def sub_batches(strengths: Sequence[float], has_ref: Sequence[bool], batch_size: int) -> list[np.ndarray]:
@@ -132,8 +134,10 @@ def translate_rows(pipes: Pipelines, rows: pa.Table, ref_pixels: np.ndarray | No
 
 
 def load_pipelines(model: ModelRef, storage: Storage, adapter_uri: str | None = None,
-                   device: "str | torch.device | None" = None, cpu_threads: int | None = None) -> Pipelines:
-    """Resolve the base model on this node, load it (CUDA fp16 / CPU fp32), apply the adapter if any."""
+                   device: "str | torch.device | None" = None, cpu_threads: int | None = None,
+                   sampler: str = PAPER_SAMPLER) -> Pipelines:
+    """Resolve the base model on this node, load it (CUDA fp16 / CPU fp32), apply the adapter if any, and
+    sample with `sampler` (the paper's DPM-Solver++ unless told otherwise; never the folder's by accident)."""
     import torch
 
     from engine.models import load_img2img_pipeline, pick_device_dtype
@@ -147,6 +151,7 @@ def load_pipelines(model: ModelRef, storage: Storage, adapter_uri: str | None = 
 
         info = load_adapter(pipe, adapter_uri, storage, fuse=True)
         log.info("translator uses adapter %s (%s)", redact(adapter_uri), info.strategy)
+    set_sampler(pipe, sampler)
     return Pipelines(pipe)
 
 
@@ -156,7 +161,7 @@ class Translator:
     def __init__(self, model: ModelRef, storage: Storage, params: TranslateParams, adapter_uri: str | None = None,
                  cpu_threads: int | None = None, fail_after: int | None = None, fail_marker: str | None = None) -> None:
         self.params = params
-        self.pipes = load_pipelines(model, storage, adapter_uri, cpu_threads=cpu_threads)
+        self.pipes = load_pipelines(model, storage, adapter_uri, cpu_threads=cpu_threads, sampler=params.sampler)
         self.fail_after = fail_after
         self.fail_marker = fail_marker
         self.calls = 0

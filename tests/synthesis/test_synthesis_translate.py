@@ -1,6 +1,8 @@
-"""Translator, ClipScorer and sink pieces without Ray, on the tiny offline models (CPU, fp32)."""
+"""Translator, ClipScorer and sink pieces without Ray, on the tiny offline models (CPU, fp32); the sampler pin."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +10,15 @@ import pyarrow as pa
 import pytest
 import torch
 
+from engine.config import load_config
 from engine.data import encode_png
+from engine.models import load_img2img_pipeline, resolve_model
 from engine.data.shards import SHARD_SCHEMA
 from engine.storage import Storage
 from engine.synthesis.references import ReferenceImageError, attach_references, check_references
 from engine.synthesis.score import ClipScorer
 from engine.synthesis.sink import shard_table
+from engine.synthesis.stage import prepare
 from engine.synthesis.translate import ModelRef, TranslateParams, Translator, sub_batches
 from engine.synthesis.windows import column_to_pixels
 
@@ -124,3 +129,55 @@ def test_bad_reference_images_are_named_or_counted():
 def test_translator_uses_cpu_fp32_here(sd):
     t = translator(sd)
     assert t.pipes.img2img.device.type == "cpu" and t.pipes.img2img.unet.dtype == torch.float32
+
+
+# --- the sampler is part of the method -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def pndm_folder(tiny_cache: Path, tmp_path_factory) -> Path:
+    """The tiny SD with its scheduler replaced by PNDM, as runwayml/stable-diffusion-v1-5 ships it."""
+    from diffusers import PNDMScheduler
+
+    src = resolve_model("tiny", str(tiny_cache), kind="sd", resolution=SIZE, extra_words=WORDS)
+    folder = tmp_path_factory.mktemp("sd") / "sd-pndm"
+    shutil.copytree(src, folder)
+    shipped = load_img2img_pipeline(str(folder), device="cpu").scheduler
+    PNDMScheduler.from_config(shipped.config, skip_prk_steps=True).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_synthesis_samples_with_dpm_solver_pp_whatever_the_folder_ships(pndm_folder, tiny_cache):
+    assert type(load_img2img_pipeline(str(pndm_folder), device="cpu").scheduler).__name__ == "PNDMScheduler"
+    ref = ModelRef(str(pndm_folder), str(tiny_cache), "sd", 0, SIZE, WORDS)
+    paper = Translator(ref, Storage(), TranslateParams(4, 7.5, SIZE, 4))
+    scheduler = paper.pipes.img2img.scheduler
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert scheduler.config.algorithm_type == "dpmsolver++"
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.steps_offset == 1  # the folder's
+    assert paper.pipes.txt2img.scheduler is scheduler  # *-gen rows sample with it too
+    kept = Translator(ref, Storage(), TranslateParams(4, 7.5, SIZE, 4, sampler="model"))
+    assert type(kept.pipes.img2img.scheduler).__name__ == "PNDMScheduler"
+    window = rows([0.9] * 4, [1, 2, 3, 4])
+    a = column_to_pixels(paper.translate_window(0, 4, window).column("pixels"), SIZE)
+    b = column_to_pixels(kept.translate_window(0, 4, window).column("pixels"), SIZE)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1.0  # the sampler changes the images
+
+
+def test_plan_hash_and_manifest_name_the_sampler(pndm_folder, tiny_cache, tmp_path):
+    common = [f"run.output={tmp_path}", f"model.base={pndm_folder}", f"model.cache_dir={tiny_cache}",
+              "dataset.subset.kind=few_shot", "dataset.subset.shots=1", "synthesis.strategy=real-mix",
+              "synthesis.multiplier=1", "synthesis.resolution=32"]
+    paper = prepare(load_config(None, common))
+    kept = prepare(load_config(None, common + ["synthesis.sampler=model"]))
+    ddim = prepare(load_config(None, common + ["synthesis.sampler=ddim"]))
+    assert len({paper.plan_hash, kept.plan_hash, ddim.plan_hash}) == 3
+    recorded = paper.spec.to_dict()["identity"]["sampler"]  # the manifest records spec.to_dict() as "plan"
+    assert recorded == {"name": "dpmsolver++", "class": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"}
+    assert kept.spec.to_dict()["identity"]["sampler"]["name"] == "model"
+    # what the folder decides by itself is recorded (the manifest's model_settings), not assumed
+    base = paper.model_settings["base"]
+    assert base["noise_schedule"]["_class_name"] == "PNDMScheduler" and base["noise_schedule"]["steps_offset"] == 1
+    assert base["vae_scaling_factor"] > 0 and base["prompt_max_length"] == 77
+    assert {"crop_size", "size", "image_mean", "image_std"} <= set(paper.model_settings["clip"])
