@@ -37,7 +37,8 @@ class ResultRow:
 
     @property
     def std(self) -> float:
-        return float(np.std(self.top1)) if len(self.top1) > 1 else 0.0
+        """Sample standard deviation over seeds (ddof = 1): a handful of seeds estimates the spread."""
+        return float(np.std(self.top1, ddof=1)) if len(self.top1) > 1 else 0.0
 
 
 @dataclass

@@ -23,3 +23,12 @@ def test_base_model_note_reports_the_shipped_models_generation_check():
     note = base_model_note(load_config(DEMO_CONFIG))
     assert note is not None and "builtin-digits" in note and "chance 10%" in note
     assert base_model_note(load_config(DEMO_CONFIG, ["model.base=tiny"])) is None
+
+
+def test_seed_spread_is_the_sample_standard_deviation():
+    """Three seeds estimate a spread: ddof = 1 (the population formula would understate it by sqrt(2/3))."""
+    import pytest
+
+    row = ResultRow("diff-mix", "diff-mix", 0.3, 0.5, [0.5, 0.6, 0.7])
+    assert row.mean == pytest.approx(0.6) and row.std == pytest.approx(0.1)
+    assert ResultRow("x", "x", 0.3, 0.5, [0.5]).std == 0.0
