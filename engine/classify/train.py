@@ -317,6 +317,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "train_rows": rows * world,
             "synthetic_rows": int(share.synthetic_counts.sum()) * world, "steps": steps,
             "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate(rows * world, elapsed, steps),
+            # what this trainer actually used, so a sweep can check every trial got its own point
+            "trained_gamma": cfg.gamma, "trained_p": cfg.p,
             "train_samples_per_s_mean": rate(sum(t[0] for t in later), sum(t[1] for t in later),
                                              sum(t[2] for t in later)),
         }

@@ -122,7 +122,8 @@ def _metric_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
     keys = {k for r in rows for k in r["metrics"]}
     evals = sorted(k for k in keys if k == "top1" or k.startswith("acc_") or k == "worst_group_acc")
     ordered = [metric] + [k for k in evals if k != metric]
-    return ordered + [k for k in ("epoch", "train_samples_per_s_mean") if k in keys and k not in ordered]
+    extra = ("epoch", "train_samples_per_s_mean", "trained_gamma", "trained_p")
+    return ordered + [k for k in extra if k in keys and k not in ordered]
 
 
 def _sort(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
@@ -212,7 +213,8 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
     for result in grid:
         point = result.config["point"]
         metrics = {k: v for k, v in (result.metrics or {}).items()
-                   if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc"} or k.startswith("acc_")}
+                   if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc", "trained_gamma", "trained_p"}
+                   or k.startswith("acc_")}
         status = "ok" if result.error is None else f"error: {type(result.error).__name__}"
         if result.error is not None:
             failed.append(f"{point['trial']}: {result.error}")

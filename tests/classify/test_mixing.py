@@ -104,6 +104,39 @@ def test_epoch_stream_follows_the_plan(ray_session, tmp_path, digits):
     np.testing.assert_allclose(b["y"].sum(dim=1).numpy(), 1.0, atol=1e-6)
 
 
+def test_stream_targets_are_s_to_the_gamma_from_each_shard_row(ray_session, tmp_path, digits):
+    """The method's label, checked where training sees it: every synthetic row in the epoch stream carries
+    s**gamma on its target class and 1 - s**gamma on its reference class, read from that row's own shard
+    columns, for the configured gamma (a swapped side or a gamma that does not arrive fails here)."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_set(str(tmp_path / "syn"), digits, strategy="diff-mix")
+    shards = pa.concat_tables([pq.read_table(f, columns=["index", "ref_label", "target_label", "strength"])
+                               for f in sorted((tmp_path / "syn").glob("part-*.parquet"))])
+    row_of = {int(i): k for k, i in enumerate(shards.column("index").to_pylist())}
+    selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, False, 0.5)
+    for gamma in (0.3, 1.5):
+        _, _, batches = run_epoch(digits, selection, 0.5, settings=replace(SETTINGS, gamma=gamma))
+        checked = 0
+        for b in batches:
+            for index, y in zip(b["index"].tolist(), b["y"].numpy()):
+                if index == NO_SYNTHETIC:
+                    continue
+                k = row_of[index]
+                s = shards.column("strength")[k].as_py()
+                target, ref = shards.column("target_label")[k].as_py(), shards.column("ref_label")[k].as_py()
+                if target == ref:  # a same-class pair: the whole label on that class
+                    assert y[target] == pytest.approx(1.0, abs=1e-6)
+                    continue
+                assert y[target] == pytest.approx(s ** gamma, abs=1e-6)
+                assert y[ref] == pytest.approx(1 - s ** gamma, abs=1e-6)
+                checked += 1
+        assert checked > 20
+
+
 def test_small_epochs_decoded_in_the_worker_hold_the_same_rows(ray_session, tmp_path, digits):
     """Below classify.inline_rows the epoch skips Ray Data; the rows, targets and batch mix are the same."""
     write_set(str(tmp_path / "syn"), digits)

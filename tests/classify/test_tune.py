@@ -36,6 +36,8 @@ def test_gamma_by_p_grid_with_baseline(ray_session, tmp_path):
     assert len(rows) == 5                                                 # 2 x 2 grid + the p = 0 baseline
     assert sorted((r["gamma"], r["p"]) for r in rows if r["trial"] != "baseline") == [
         ("0.5000", "0.2000"), ("0.5000", "0.5000"), ("1.0000", "0.2000"), ("1.0000", "0.5000")]
+    # each trial's trainer reports the gamma and p it trained with: the grid point reached it
+    assert all((r["trained_gamma"], r["trained_p"]) == (r["gamma"], r["p"]) for r in rows if r["trial"] != "baseline")
     baseline = [r for r in rows if r["trial"] == "baseline"]
     assert len(baseline) == 1 and float(baseline[0]["p"]) == 0
     top1 = [float(r["top1"]) for r in rows]
