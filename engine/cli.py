@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "synthesize": "engine.synthesis:run",
     "classify": "engine.classify.train:run",
     "sweep": "engine.pipeline:sweep",
+    "evaluate": "engine.classify.evaluate:run",
     "pipeline": "engine.pipeline:run",
 }
 
@@ -35,6 +36,7 @@ NEEDS: dict[str, str] = {
     "synthesize": "engine.synthesis.stage:resource_needs",
     "classify": "engine.classify.train:resource_needs",
     "sweep": "engine.classify.tune:sweep_needs",
+    "evaluate": "engine.classify.evaluate:resource_needs",
 }
 
 

@@ -393,6 +393,22 @@ class SweepConfig(Section):
         return v
 
 
+class EvaluateConfig(Section):
+    """`diffmix evaluate`: a finished classifier on a second dataset (e.g. the CUB classifier on Waterbirds)."""
+
+    classifier: str | None = Field(default=None, description="A classify output folder; default this config's")
+    dataset: DatasetConfig | None = Field(default=None, description="The dataset to evaluate on (same keys as "
+                                          "`dataset`); its `group` column gives per-group accuracy")
+    split: Literal["test", "train", "all"] = Field(default="test", description="Which of its rows to evaluate")
+    class_map: dict[str, str] | None = Field(default=None, description="Classifier class -> evaluation class "
+                                             "(many to one); default: the same names")
+    batch_size: int = Field(default=64, ge=1)
+    max_actors: int = Field(default=1, ge=1, description="Upper size of the predictor actor pool")
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    output: str | None = Field(default=None, description="Default <run>/evaluate/<hash>")
+
+
 class DemoConfig(Section):
     """The built-in demo's comparison: which methods to train, over which seeds, and the report."""
 
@@ -413,6 +429,7 @@ class ExperimentConfig(Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def hash(self, *sections: str) -> str:

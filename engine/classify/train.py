@@ -153,6 +153,7 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
         "synthetic": synthetic_uri,
         "num_train": inputs.num_train,
         "num_synthetic_selected": len(selection),
+        "class_names": list(inputs.class_names),
         "classify": cfg.model_dump(mode="json"),
         "metrics": metrics,
     }

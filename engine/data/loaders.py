@@ -211,22 +211,30 @@ def _finish(cfg: DatasetConfig, names: list[str], train: pa.Table, test: pa.Tabl
         raise DatasetError(f"dataset.metaclass is required for the {cfg.source} source (e.g. bird, car)")
     if skipped:
         log.warning("dataset %s: skipped %d bad image(s)", name, skipped)
-    ds = ImageDataset(list(names), cfg.metaclass, train, test, name=name, skipped=skipped)
+    return ImageDataset(list(names), cfg.metaclass, train, test, name=name, skipped=skipped)
+
+
+def check_train_classes(ds: ImageDataset) -> None:
+    """A dataset to train on needs images of every class in its train split."""
     counts = ds.class_counts("train")
-    empty = [names[c] for c in range(len(names)) if counts[c] == 0]
+    empty = [ds.class_names[c] for c in range(ds.num_classes) if counts[c] == 0]
     if empty:
-        raise DatasetError(f"dataset {name}: class {empty[0]!r} has no train images")
-    return ds
+        raise DatasetError(f"dataset {ds.name}: class {empty[0]!r} has no train images")
 
 
 _LOADERS = {"builtin": load_builtin, "imagefolder": load_imagefolder, "parquet": load_parquet}
 
 
-def load_dataset(config: ExperimentConfig, storage: Storage | None = None, apply_subset: bool = True) -> ImageDataset:
-    """The configured dataset with its subset (few-shot / long-tail) applied to the train split."""
+def load_dataset(config: ExperimentConfig, storage: Storage | None = None, apply_subset: bool = True,
+                 for_training: bool = True) -> ImageDataset:
+    """The configured dataset with its subset (few-shot / long-tail) applied to the train split.
+
+    `for_training=False` (evaluation on a second dataset) accepts classes with no train images."""
     storage = storage or Storage.from_config(config)
     cfg = config.dataset
     ds = _LOADERS[cfg.source](cfg, storage, config.run.seed)
+    if for_training:
+        check_train_classes(ds)
     if not apply_subset or cfg.subset.kind == "full":
         return ds
     if cfg.subset.kind == "few_shot":
