@@ -18,6 +18,7 @@ log = logging.getLogger("engine")
 # stage name -> "module:function"; each function takes an ExperimentConfig and returns a JSON-able summary
 STAGES: dict[str, str] = {
     "check": "engine.check:run",
+    "presets": "engine.presets:run",
     "pretrain": "engine.pretrain:run",
     "finetune": "engine.finetune:run",
     "synthesize": "engine.synthesis:run",

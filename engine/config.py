@@ -281,6 +281,16 @@ class ClassifyConfig(Section):
     cutmix_alpha: float = Field(default=1.0, gt=0)
     mixup_prob: float = Field(default=0.0, ge=0, le=1)
     mixup_alpha: float = Field(default=0.2, gt=0)
+    cmo_prob: float = Field(default=0.0, ge=0, le=1, description="CMO: probability a batch gets a box pasted "
+                            "from a minority-oversampled real batch (Park et al. 2022: 0.5); 0 = off")
+    cmo_alpha: float = Field(default=1.0, gt=0, description="CMO: Beta(alpha, alpha) of the kept area")
+    cmo_weight_power: float = Field(default=1.0, ge=0, description="CMO: real rows drawn with weight 1/n_k^power")
+    cmo_start_after: int = Field(default=3, ge=0, description="CMO runs in epochs e (from 0) with "
+                                 "start_after < e < epochs - end_before (the CMO code's start/end_data_aug)")
+    cmo_end_before: int = Field(default=3, ge=0)
+    drw_from: float | None = Field(default=None, gt=0, lt=1, description="DRW: class-balanced loss weights "
+                                   "after this fraction of the epochs (the CMO code: 160 of 200 = 0.8); None = off")
+    drw_beta: float = Field(default=0.9999, ge=0, lt=1, description="DRW: weights (1 - beta) / (1 - beta^n_k)")
     amp: bool = True
     seed: int | None = Field(default=None, ge=0, description="Classifier seed (init, draws, shuffles); None: run.seed")
     p: float = Field(default=0.1, ge=0, le=1, description="Probability a real sample is replaced by a synthetic one")
@@ -419,6 +429,8 @@ class DemoConfig(Section):
 
 
 class ExperimentConfig(Section):
+    preset: str | None = Field(default=None, description="A named method (engine.presets): its values are set "
+                               "over the YAML's, below key=value overrides; `diffmix presets` lists them")
     run: RunConfig = Field(default_factory=RunConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -431,6 +443,15 @@ class ExperimentConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        from engine.presets import PRESETS
+
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; known: {', '.join(sorted(PRESETS))}")
+        return v
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none): names outputs that depend on them."""
@@ -459,18 +480,46 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_value(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    """Set `data[a][b]... = value`, creating sections; `what` names the setting in errors."""
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_value(data, path, value, f"override {text!r}")
+    return data
+
+
+def apply_preset(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The named preset's values over the YAML (`preset:` there, or a `preset=` override, which wins)."""
+    from engine.presets import preset_values
+
+    name = data.get("preset")
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["preset"]:
+            name = value
+    if name is None:
+        return data
+    if not isinstance(name, str):
+        raise ConfigError(f"preset must be a name (got {name!r})")
+    try:
+        values = preset_values(name)
+    except ValueError as exc:
+        raise ConfigError(f"preset: {exc}") from None
+    for dotted, value in values.items():
+        set_value(data, dotted.split("."), value, f"preset {name!r}")
+    data["preset"] = name
     return data
 
 
@@ -506,5 +555,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at top level")
         data = loaded or {}
+    data = apply_preset(data, list(overrides or []))
     data = apply_overrides(data, list(overrides or []))
     return validate(data)

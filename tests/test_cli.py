@@ -31,3 +31,12 @@ def test_console_command_bad_config_names_key(tmp_path):
 def test_unknown_stage_is_rejected():
     out = run([sys.executable, "-m", "engine.cli", "nosuchstage"])
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_presets_are_listed_and_a_bad_name_is_one_line():
+    out = run([sys.executable, "-m", "engine.cli", "presets"])
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout[out.stdout.index("{"):])
+    assert listed["real-guidance"]["values"]["synthesis.strengths"] == [0.1] and "Table 1" in listed["cutmix"]["source"]
+    bad = run([sys.executable, "-m", "engine.cli", "check", "preset=realguidance"])
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown preset 'realguidance'" in bad.stderr

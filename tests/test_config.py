@@ -64,3 +64,24 @@ def test_bad_override_syntax_and_files(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="run.name"):
         load_config(None, ["run.name.seed=1"])
+
+
+def test_preset_sits_between_the_yaml_and_the_overrides(tmp_path):
+    from engine.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: real-guidance\nsynthesis:\n  strategy: diff-mix\n  multiplier: 3\n")
+    config = load_config(path)
+    assert config.preset == "real-guidance" and config.synthesis.strategy == "real-aug"  # the preset wins over YAML
+    assert config.synthesis.strengths == [0.1] and config.synthesis.multiplier == 3       # the rest is the YAML's
+    over = load_config(path, ["synthesis.strengths=[0.2]", "preset=cutmix"])
+    assert over.preset == "cutmix" and over.classify.cutmix_prob == 0.1 and over.synthesis.strengths == [0.2]
+    assert over.synthesis.strategy == "diff-mix"                                         # cutmix sets no strategy
+    assert load_config(None).preset is None
+    # the preset's values leave the output hashes as if written out by hand
+    by_hand = load_config(None, ["synthesis.strategy=real-aug", "synthesis.strengths=[0.1]", "classify.filtered=false"])
+    assert load_config(None, ["preset=real-guidance"]).hash("synthesis", "classify") == by_hand.hash("synthesis", "classify")
+    with pytest.raises(ConfigError, match="unknown preset 'diffmix'; known: .*cmo"):
+        load_config(None, ["preset=diffmix"])
+    with pytest.raises(ConfigError, match="preset must be a name"):
+        load_config(None, ["preset=[cutmix]"])

@@ -84,8 +84,9 @@ def mixup(x, y, alpha: float, rng: np.random.Generator):
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
-def cutmix(x, y, alpha: float, rng: np.random.Generator):
-    """Paste a random box from a shuffled copy; targets mix by the box's exact area."""
+def cutmix(x, y, alpha: float, rng: np.random.Generator, source=None):
+    """Paste a random box from a shuffled copy of the batch, or from `source` = (x2, y2) row for row
+    (CMO's minority batch); targets mix by the box's exact area."""
     import torch
 
     n, _, h, w = x.shape
@@ -94,8 +95,14 @@ def cutmix(x, y, alpha: float, rng: np.random.Generator):
     cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
     top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    perm = torch.as_tensor(rng.permutation(n), device=x.device)
+    if source is None:
+        perm = torch.as_tensor(rng.permutation(n), device=x.device)
+        x_src, y_src = x[perm], y[perm]
+    else:
+        x_src, y_src = source
+        if x_src.shape != x.shape or y_src.shape != y.shape:
+            raise ValueError(f"CutMix source batch {tuple(x_src.shape)} does not match {tuple(x.shape)}")
     x = x.clone()
-    x[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    x[:, :, top:bottom, left:right] = x_src[:, :, top:bottom, left:right]
     kept = 1.0 - (bottom - top) * (right - left) / float(h * w)
-    return x, kept * y + (1 - kept) * y[perm]
+    return x, kept * y + (1 - kept) * y_src

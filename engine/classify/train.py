@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+HISTORY = "history"  # <output>/history/epoch-NNNN.json: each epoch's metrics (rewritten, not appended, on resume)
 
 
 # --- driver side ---------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ class Inputs:
     num_train: int
     train_counts: list[int]
     group_ids: list[int] = field(default_factory=list)
+    train_labels: list[int] = field(default_factory=list)  # by position in the blocks (CMO's sampler)
     long_tail: bool = False
 
 
@@ -89,6 +91,7 @@ def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_blo
         num_train=train.num_rows,
         train_counts=[int(c) for c in dataset.class_counts("train")],
         group_ids=[int(g) for g in groups],
+        train_labels=train.column("label").to_numpy().astype(np.int64).tolist(),
         long_tail=config.dataset.subset.kind == "long_tail",
     )
 
@@ -148,6 +151,7 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
     result = fit_watched(trainer, "classify", config.cluster,
                          train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus), join(output, "train"))
     metrics = {k: v for k, v in (result.metrics or {}).items() if _jsonable(v)}
+    history = [json.loads(storage.read_text(f)) for f in sorted(storage.glob(join(output, HISTORY), "epoch-*.json"))]
     summary = {
         "output": output,
         "synthetic": synthetic_uri,
@@ -156,6 +160,7 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
         "class_names": list(inputs.class_names),
         "classify": cfg.model_dump(mode="json"),
         "metrics": metrics,
+        "history": [h for h in history if h.get("epoch", 0) <= cfg.epochs],
     }
     storage.write_text(join(output, METRICS_FILE), json.dumps(summary, indent=2, sort_keys=True))
     log.info("classify: top1 %.4f after %s epochs (%s)", metrics.get("top1", float("nan")), metrics.get("epoch"),
@@ -225,6 +230,21 @@ def _evaluate(model, inputs: Inputs, cfg, rank: int, world: int, device, batch_s
     return {k: v for k, v in out.items() if v is not None}
 
 
+def minority_batches(inputs: Inputs, config: ExperimentConfig, epoch: int, rank: int, world: int, batch_size: int,
+                     storage: Storage, settings: StreamSettings):
+    """CMO's second stream: this worker's batches of minority-oversampled real rows, as many as the first's."""
+    from engine.classify.rebalance import minority_plan
+
+    cfg = config.classify
+    seed = classifier_seed(config)
+    plan = minority_plan(np.asarray(inputs.train_labels), np.asarray(inputs.train_counts), cfg.cmo_weight_power,
+                         seed, epoch)
+    share = worker_share(plan, 0, rank, world)
+    rng = np.random.default_rng([seed, epoch, rank, 0xC30])
+    data = epoch_dataset(inputs.train_blocks, SyntheticSelection.empty(), share, storage, settings, rng)
+    return iter(epoch_batches(share, data, batch_size, cfg.prefetch_batches, seed=int(rng.integers(2**31))))
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Per worker: SGD + warm-up/cosine, soft-target CE with smoothing, CutMix/Mixup, AMP on CUDA."""
     import ray.data
@@ -234,6 +254,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from engine.classify.augment import cutmix, mixup, to_model_input
     from engine.classify.models import build_model
+    from engine.classify.rebalance import cmo_active, drw_active, drw_weights, weighted_soft_cross_entropy
 
     config = ExperimentConfig.model_validate(loop_config["config"])
     cfg = config.classify
@@ -281,6 +302,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
                               hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
                               rows_per_task=cfg.rows_per_task, inline_rows=cfg.inline_rows)
+    class_weights = torch.as_tensor(drw_weights(np.asarray(inputs.train_counts), cfg.drw_beta), dtype=torch.float32)
     throughput: list[tuple[int, float, int]] = []  # (samples, seconds, steps) of each epoch of this attempt
     last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -290,18 +312,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         rng = np.random.default_rng([classifier_seed(config), epoch, rank])
         mix_rng = np.random.default_rng([classifier_seed(config), rank, epoch, 0xC0C])  # CutMix/Mixup draws
         data = epoch_dataset(inputs.train_blocks, selection, share, storage, settings, rng)
+        cmo = cfg.cmo_prob > 0 and cmo_active(epoch, cfg.epochs, cfg.cmo_start_after, cfg.cmo_end_before)
+        minority = minority_batches(inputs, config, epoch, rank, world, batch_size, storage, settings) if cmo else None
+        drw = drw_active(epoch, cfg.epochs, cfg.drw_from)
         model.train()
-        loss_sum, rows, steps = 0.0, 0, 0
+        loss_sum, rows, steps, cmo_batches = 0.0, 0, 0, 0
         start = time.perf_counter()
         for batch in epoch_batches(share, data, batch_size, cfg.prefetch_batches, seed=int(rng.integers(2**31))):
             x = to_model_input(batch["x"].to(device, non_blocking=True))
             y = batch["y"].to(device, non_blocking=True)
-            if cfg.cutmix_prob > 0 and mix_rng.random() < cfg.cutmix_prob:
+            paired = next(minority) if minority is not None else None
+            if paired is not None and mix_rng.random() < cfg.cmo_prob:
+                source = (to_model_input(paired["x"].to(device, non_blocking=True)), paired["y"].to(device))
+                x, y = cutmix(x, y, cfg.cmo_alpha, mix_rng, source=source)
+                cmo_batches += 1
+            elif cfg.cutmix_prob > 0 and mix_rng.random() < cfg.cutmix_prob:
                 x, y = cutmix(x, y, cfg.cutmix_alpha, mix_rng)
             elif cfg.mixup_prob > 0 and mix_rng.random() < cfg.mixup_prob:
                 x, y = mixup(x, y, cfg.mixup_alpha, mix_rng)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = soft_cross_entropy(model(x), y, cfg.label_smoothing)
+                logits = model(x)
+            loss = (weighted_soft_cross_entropy(logits, y, class_weights, cfg.label_smoothing) if drw
+                    else soft_cross_entropy(logits, y, cfg.label_smoothing))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -319,7 +351,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "synthetic_rows": int(share.synthetic_counts.sum()) * world, "steps": steps,
             "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate(rows * world, elapsed, steps),
             # what this trainer actually used, so a sweep can check every trial got its own point
-            "trained_gamma": cfg.gamma, "trained_p": cfg.p,
+            "trained_gamma": cfg.gamma, "trained_p": cfg.p, "cmo_batches": cmo_batches * world, "drw": drw,
             "train_samples_per_s_mean": rate(sum(t[0] for t in later), sum(t[1] for t in later),
                                              sum(t[2] for t in later)),
         }
@@ -333,6 +365,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                  metrics["train_loss"], rows, int(share.synthetic_counts.sum()),
                  f", {metrics['train_samples_per_s']:.1f} samples/s" if metrics["train_samples_per_s"] else "",
                  f", top1 {last_eval['top1']:.4f}" if "eval_epoch" in metrics and "top1" in last_eval else "")
+        if rank == 0:
+            storage.write_text(join(output, HISTORY, f"epoch-{epoch:04d}.json"), json.dumps(metrics, sort_keys=True))
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
