@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "classify": "engine.classify.train:run",
     "sweep": "engine.pipeline:sweep",
     "evaluate": "engine.classify.evaluate:run",
+    "compare-sets": "engine.synthesis.set_metrics:run",
     "pipeline": "engine.pipeline:run",
 }
 
@@ -38,6 +39,7 @@ NEEDS: dict[str, str] = {
     "classify": "engine.classify.train:resource_needs",
     "sweep": "engine.classify.tune:sweep_needs",
     "evaluate": "engine.classify.evaluate:resource_needs",
+    "compare-sets": "engine.synthesis.set_metrics:resource_needs",
 }
 
 

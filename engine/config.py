@@ -419,6 +419,23 @@ class EvaluateConfig(Section):
     output: str | None = Field(default=None, description="Default <run>/evaluate/<hash>")
 
 
+class MetricsConfig(Section):
+    """Synthetic-set metrics against the real train set (engine.synthesis.set_metrics): CLIP-space Fréchet
+    distance and per-class diversity, Inception FID with local weights. Measuring never changes a set."""
+
+    enabled: bool = Field(default=True, description="Measure each synthetic set when it completes (manifest)")
+    inception_weights: str | None = Field(default=None, description="URI of a torchvision inception_v3 state "
+                                          "dict: adds Inception FID (never downloaded)")
+    filtered: bool = Field(default=True, description="Measure the rows the CLIP filter keeps (what classify uses)")
+    sets: list[str] | None = Field(default=None, description="`diffmix compare-sets`: set folders; default every "
+                                   "set under <run>/synthetic")
+    batch_size: int = Field(default=32, ge=1)
+    max_actors: int = Field(default=1, ge=1, description="Upper size of the feature actor pool")
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    cpus_per_task: float = Field(default=0.5, gt=0, description="CPUs per shard-reading task")
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+
+
 class DemoConfig(Section):
     """The built-in demo's comparison: which methods to train, over which seeds, and the report."""
 
@@ -442,6 +459,7 @@ class ExperimentConfig(Section):
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @field_validator("preset")

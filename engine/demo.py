@@ -147,13 +147,15 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         grid_set=SyntheticSet.open(sets[grid_method]["output"], storage) if grid_method else None,
         score_set=SyntheticSet.open(sets[score_method]["output"], storage) if score_method else None,
         results=rows, timings=timings(finetune, sets, runs), verdict=verdict(rows),
+        set_metrics={m: s["set_metrics"] for m, s in sets.items() if s.get("set_metrics")},
         notes=[n for n in (base_model_note(config),
                            f"config hash {config.hash()}; seeds {config.demo.seeds}; p = {config.classify.p}, "
                            f"gamma = {config.classify.gamma}; strengths {config.synthesis.strengths}; "
                            f"fine-tuning {config.finetune.strategy}, {config.finetune.steps} steps") if n],
     )
     page = write_report(inputs, join(config.run.uri, "report"), storage)
-    return {"report": page, "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1} for r in rows}}
+    return {"report": page, "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1} for r in rows},
+            "set_metrics": {m: s.get("set_metrics") for m, s in sets.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ class ReportInputs:
     score_set: SyntheticSet | None             # the set whose CLIP scores are plotted
     results: list[ResultRow] = field(default_factory=list)
     timings: list[StageTiming] = field(default_factory=list)
+    set_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> a set's figures
     verdict: str = ""                          # plain-language reading of the results
     notes: list[str] = field(default_factory=list)
 
@@ -166,6 +167,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def set_metrics_table(sets: dict[str, dict[str, Any]]) -> str:
+    inception = any("inception_fid" in f for f in sets.values())
+    headers = ["set", "images", "CLIP Fréchet distance", "diversity (real)"] + (["Inception FID"] if inception else [])
+    rows = []
+    for method, f in sets.items():
+        real = f.get("real_diversity")
+        row = [method, str((f.get("images") or {}).get("synthetic", "-")), f"{f['clip_frechet']:.4g}",
+               f"{f['diversity']:.3f} ({real:.3f})" if f.get("diversity") is not None and real is not None else "-"]
+        if inception:
+            row.append(f"{f['inception_fid']:.4g}" if "inception_fid" in f else "-")
+        rows.append(row)
+    return _table(headers, rows)
+
+
 def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
     results = _table(
         ["method", "strategy", "p", "gamma", "top-1 (mean ± std)", "seeds", "note"],
@@ -190,6 +205,11 @@ def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
     if "results.png" in figures:
         sections.append(f"<figure><img src='{figures['results.png']}' alt='results'>"
                         f"<figcaption>{captions['results.png']}</figcaption></figure>")
+    if inputs.set_metrics:
+        sections.append("<h2>Synthetic sets against the real train set</h2>" + set_metrics_table(inputs.set_metrics)
+                        + "<p>Fréchet distance between Gaussians fitted to CLIP image embeddings (lower: closer "
+                        "to the real images); diversity: mean pairwise cosine distance of the embeddings within "
+                        "a class, averaged over classes (the real train set's beside it).</p>")
     sections.append(f"<h2>Throughput</h2>{timings}")
     if "clip_hist.png" in figures:
         sections.append(f"<h2>CLIP filter</h2><figure><img src='{figures['clip_hist.png']}' alt='clip scores'>"

@@ -45,6 +45,8 @@ def test_report_files_exist_and_are_referenced(tmp_path):
         grid_set=sset, score_set=sset,
         results=[ResultRow("real only", "-", 0.0, None, [0.5, 0.52]), ResultRow("diff-mix", "diff-mix", 0.1, 0.5, [0.6])],
         timings=[StageTiming("synthesis", 30, "images", 3.0)], verdict="reads as expected",
+        set_metrics={"diff-mix": {"images": {"synthetic": 27, "real": 100}, "clip_frechet": 0.01234,
+                                  "diversity": 0.311, "real_diversity": 0.402}},
     )
     page = write_report(inputs, str(tmp_path / "report"), storage)
     text = open(page).read()
@@ -54,3 +56,4 @@ def test_report_files_exist_and_are_referenced(tmp_path):
         data = (tmp_path / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert "0.510 ± 0.014" in text and "10.00 images/s" in text and "reads as expected" in text
+    assert "CLIP Fréchet distance" in text and "<td>0.01234</td>" in text and "0.311 (0.402)" in text

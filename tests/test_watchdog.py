@@ -64,7 +64,7 @@ def test_starved_stream_is_named_in_a_warning_then_finishes(ray_session, tiny_ca
     config = load_config(None, [
         f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "model.resolution=32",
         "dataset.subset.kind=few_shot", "dataset.subset.shots=1", "synthesis.strategy=real-mix",
-        "synthesis.multiplier=1", "synthesis.num_inference_steps=2", "synthesis.resolution=32",
+        "synthesis.multiplier=1", "metrics.enabled=false", "synthesis.num_inference_steps=2", "synthesis.resolution=32",
         "synthesis.num_gpus_per_actor=0", "synthesis.rows_per_file=5", "synthesis.batch_size=5",
         "cluster.stall_warn_s=3"])
     caplog.set_level(logging.WARNING, logger="engine.watchdog")

@@ -22,7 +22,7 @@ import pyarrow as pa
 from engine import ray_local
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
-from engine.data.shards import MANIFEST
+from engine.data.shards import MANIFEST, SyntheticSet
 from engine.rates import rate, rate_note
 from engine.errors import raise_original_errors, surfaced
 from engine.models.sampler import sampler_identity
@@ -30,6 +30,7 @@ from engine.models.settings import model_settings
 from engine.ray_local import Needs
 from engine.storage import Storage, StorageError, join, redact
 from engine.watchdog import Watchdog, free_resources, labels_for
+from engine.synthesis import set_metrics
 from engine.synthesis.filter import clip_threshold, kept_mask
 from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, versions, write_manifest
 from engine.synthesis.plan import PlanSpec, build_plan, is_gen, plain_prompts, uses_adapter
@@ -175,6 +176,7 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
     plan = build_plan(spec, ds.train.column("id").to_pylist(), ds.train.column("label").to_numpy(),
                       ds.num_classes, prompts, usable)
     plan_hash = spec.hash()
+    set_metrics.check_weights(config, storage)
     output = syn.output or join(config.run.uri, "synthetic", plan_hash)
     return Job(config, storage, ds, spec, plan, plan_hash, output, base, clip, adapter, skipped, settings)
 
@@ -392,6 +394,24 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTim
     return manifest
 
 
+def with_set_metrics(job: Job, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The complete set measured against the real train set (`metrics.enabled`), its figures added to the
+    manifest; a manifest that already holds figures of the same identity is kept as it is."""
+    if not job.config.metrics.enabled:
+        return manifest
+    known = manifest.get("set_metrics") or {}
+    identity = set_metrics.metrics_identity(job.config, job.clip)
+    if known and all(known.get(k) == v for k, v in identity.items()):
+        return manifest
+    ensure_ray(job.config)
+    figures = set_metrics.measure_cached(job.config, SyntheticSet(job.output, job.storage, manifest),
+                                         job.dataset, job.clip, job.storage)
+    manifest = {k: v for k, v in manifest.items() if k not in ("manifest_version", "written_at")}
+    manifest["set_metrics"] = figures
+    write_manifest(job.storage, job.output, manifest)
+    return manifest
+
+
 def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int, resumed: int,
             elapsed_s: float, injected_failures: int = 0) -> dict[str, Any]:
     """What `diffmix synthesize` prints: this call's work, and the state of the set."""
@@ -405,6 +425,7 @@ def summary(job: Job, manifest: dict[str, Any], written: int, files_written: int
         "steady_images_per_s": manifest.get("steady_images_per_s") if written else None,
         "rate_note": manifest.get("rate_note") if written else None,
         "injected_actor_failures": injected_failures,
+        "set_metrics": set_metrics.brief(manifest.get("set_metrics")),
     }
 
 
@@ -426,6 +447,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     if (missing.size == 0 and manifest is not None and manifest.get("plan_hash") == job.plan_hash
             and manifest.get("filter_quantile") == syn.filter_quantile):
         log.info("synthesis: %s is complete (%d rows, plan %s): nothing to do", redact(job.output), job.total, job.plan_hash)
+        manifest = with_set_metrics(job, manifest)
         return summary(job, manifest, 0, 0, int(done.size), time.perf_counter() - t0)
     check_local_gpus(config)
     windows = make_windows(missing.tolist(), syn.rows_per_file)
@@ -454,7 +476,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     written = int(sum(len(f.index) for f in new))
     timing = StreamTiming(len(new), written, t_end - t_stream, written - first[1] if first else 0,
                           t_end - first[0] if first else 0.0)
-    manifest = finish(job, committed + new, t_end - t0, timing)
+    manifest = with_set_metrics(job, finish(job, committed + new, t_end - t0, timing))
     log.info("synthesis: %d rows in %d files, CLIP threshold %s keeps %d; %s", job.total, len(committed) + len(new),
              manifest["clip_threshold"], manifest["counts"]["kept"], redact(job.output))
     return summary(job, manifest, written, len(new), int(done.size), time.perf_counter() - t0, injected)

@@ -51,7 +51,7 @@ def test_strength_grid_synthesizes_once_per_set_and_reuses(ray_session, tmp_path
     """Uses the real synthesis stage through engine.pipeline.ensure_synthetic (wrapped to count calls)."""
     config = load_config(None, [
         f"run.output={tmp_path}", *FAST, "dataset.subset.shots=2", f"model.cache_dir={tiny_cache}",
-        "model.resolution=32", "synthesis.strategy=real-mix", "synthesis.multiplier=2",
+        "model.resolution=32", "synthesis.strategy=real-mix", "metrics.enabled=false", "synthesis.multiplier=2",
         "synthesis.num_inference_steps=4", "synthesis.resolution=32", "synthesis.num_gpus_per_actor=0",
         "synthesis.rows_per_file=4", "synthesis.batch_size=4", "synthesis.clip_batch_size=4",
         "sweep.strengths=[[0.5], [0.9]]", "sweep.gamma=[0.5]", "sweep.p=[0.5]", "sweep.include_baseline=false",

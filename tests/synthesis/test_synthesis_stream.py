@@ -44,7 +44,7 @@ def overrides(tiny_cache: Path, output: str, *extra: str) -> list[str]:
         "synthesis.strategy=real-mix", "synthesis.multiplier=2", "synthesis.num_inference_steps=4",
         "synthesis.resolution=32", "synthesis.num_gpus_per_actor=0", "synthesis.rows_per_file=4",
         "synthesis.batch_size=4", "synthesis.strength_run=4", "synthesis.clip_batch_size=4",
-        "synthesis.log_every_s=2", *extra,
+        "synthesis.log_every_s=2", "metrics.enabled=false", *extra,  # measured in test_set_metrics_*
     ]
 
 
@@ -70,6 +70,27 @@ def baseline(ray_session, tiny_cache, tmp_path_factory):
     cfg = config(tiny_cache, str(out))
     summary = run(cfg)
     return cfg, summary, read_rows(Storage(), output_of(summary))
+
+
+def test_set_metrics_are_added_to_a_complete_sets_manifest_once(baseline, tiny_cache):
+    """A complete set synthesized without metrics: a rerun with `metrics.enabled` measures it (nothing is
+    regenerated), the manifest and summary carry the figures, and the next rerun measures nothing."""
+    cfg, summary, _ = baseline
+    out = output_of(summary)
+    before = read_json(Storage(), join(out, MANIFEST))
+    measured = run(config(tiny_cache, str(cfg.run.output), "metrics.enabled=true"))
+    assert measured["written"] == 0 and measured["output"] == out
+    manifest = read_json(Storage(), join(out, MANIFEST))
+    figures = manifest["set_metrics"]
+    assert figures["clip_frechet"] >= 0 and figures["images"]["synthetic"] == manifest["counts"]["kept"]
+    assert figures["images"]["real"] == 20 and set(figures["diversity"]["per_class"]) == set(manifest["class_names"])
+    assert measured["set_metrics"]["clip_frechet"] == figures["clip_frechet"]
+    unchanged = ("set_metrics", "written_at")
+    assert {k: v for k, v in manifest.items() if k not in unchanged} == {
+        k: v for k, v in before.items() if k not in unchanged}                # measuring changes nothing else
+    again = run(config(tiny_cache, str(cfg.run.output), "metrics.enabled=true"))
+    assert read_json(Storage(), join(out, MANIFEST))["written_at"] == manifest["written_at"]
+    assert again["set_metrics"] == measured["set_metrics"]
 
 
 def test_local_sink_files_and_manifest(baseline):
