@@ -85,7 +85,7 @@ def test_cmo_drw_preset_run(ray_session, tmp_path):
     """The `cmo+drw` preset on a long-tail miniature: CMO pastes in its window, DRW weighs the last epochs."""
     config = load_config(None, [
         f"run.output={tmp_path}", "preset=cmo+drw", "classify.backbone=small_cnn", "classify.resolution=32",
-        "classify.batch_size=32", "classify.cpus_per_worker=0.5", "classify.epochs=4", "classify.eval_every=4",
+        "classify.batch_size=32", "classify.cpus_per_worker=0.5", "classify.epochs=3", "classify.eval_every=3",
         "classify.cmo_start_after=0", "classify.cmo_end_before=1", "classify.drw_from=0.5",
         "classify.rows_per_task=256", "dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=10"])
     assert config.classify.cmo_prob == 0.5 and config.classify.p == 0 and config.preset == "cmo+drw"
@@ -93,7 +93,7 @@ def test_cmo_drw_preset_run(ray_session, tmp_path):
     assert sorted(set(inputs.train_labels)) == list(range(10)) and len(inputs.train_labels) == inputs.num_train
     summary = fit(config, inputs, output=str(tmp_path / "cmo"))
     history = {m["epoch"]: m for m in summary["history"]}
-    assert history[1]["cmo_batches"] == 0 and history[4]["cmo_batches"] == 0    # outside 0 < e < 4 - 1
-    assert history[2]["cmo_batches"] + history[3]["cmo_batches"] > 0
-    assert [history[e]["drw"] for e in (1, 2, 3, 4)] == [False, False, True, True]
+    assert history[1]["cmo_batches"] == 0 and history[3]["cmo_batches"] == 0    # outside 0 < e < 3 - 1
+    assert history[2]["cmo_batches"] > 0                                       # p 0.5 over 2 batches, seeded
+    assert [history[e]["drw"] for e in (1, 2, 3)] == [False, True, True]
     assert summary["metrics"]["top1"] > 0.1
