@@ -8,10 +8,12 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
 from engine.config import ConfigError, ExperimentConfig, load_config
+from engine.errors import chain
 
 log = logging.getLogger("engine")
 
@@ -43,6 +45,41 @@ NEEDS: dict[str, str] = {
 }
 
 
+# Expected errors and their exit codes (README, "Errors and exit codes"): `diffmix <stage>: <message>` on
+# stderr and the code; anything else is a bug and keeps its traceback. By module and class name, so a
+# failing `diffmix check` does not import torch to look up the synthesis stage's error class.
+ERROR_CODES: list[tuple[str, str, int]] = [
+    ("engine.config", "ConfigError", 2),
+    ("engine.data.dataset", "DatasetError", 3),
+    ("engine.data.images", "BadImageError", 3),
+    ("engine.storage", "StorageError", 4),
+    ("engine.models.errors", "ModelError", 5),          # and AdapterError
+    ("engine.ray_local", "ResourceError", 6),
+    ("engine.synthesis.translate", "SynthesisError", 7),  # and ReferenceImageError
+    ("engine.synthesis.plan", "PlanError", 7),
+    ("engine.data.shards", "ShardError", 7),
+    ("engine.finetune", "FinetuneError", 8),
+    ("engine.pretrain", "PretrainError", 8),
+    ("engine.classify.evaluate", "EvaluateError", 9),
+    ("engine.synthesis.set_metrics", "MetricsError", 9),
+]
+DEBUG_ENV = "DIFFMIX_DEBUG"
+
+
+def expected_error(exc: BaseException) -> tuple[BaseException, int] | None:
+    """The first engine error in `exc`'s chain (through Ray's wrappers, which are skipped: their text is a
+    whole traceback) and its exit code; None for anything unexpected."""
+    kinds = [(getattr(sys.modules[m], c), code) for m, c, code in ERROR_CODES
+             if m in sys.modules and hasattr(sys.modules[m], c)]
+    ray_errors = sys.modules["ray.exceptions"].RayError if "ray.exceptions" in sys.modules else ()
+    for err in chain(exc):
+        if not isinstance(err, ray_errors):
+            for kind, code in kinds:
+                if isinstance(err, kind):
+                    return err, code
+    return None
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -69,6 +106,8 @@ def build_parser(stages: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("stage", choices=stages or sorted(STAGES), help="what to run")
     parser.add_argument("--config", "-c", default=None, help="experiment YAML (defaults when omitted)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"tracebacks for expected errors too (or set {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser
 
@@ -81,7 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"diffmix {args.stage}: {exc}", file=sys.stderr)
         return 2
-    summary = resolve_stage(args.stage)(config)
+    try:
+        summary = resolve_stage(args.stage)(config)
+    except Exception as exc:  # expected errors become one line and an exit code; the rest is re-raised
+        found = None if args.debug or os.environ.get(DEBUG_ENV) else expected_error(exc)
+        if found is None:
+            raise
+        err, code = found
+        print(f"diffmix {args.stage}: {err}", file=sys.stderr)
+        return code
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0

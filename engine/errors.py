@@ -12,28 +12,34 @@ from typing import Iterator, TypeVar
 E = TypeVar("E", bound=BaseException)
 
 
-def find_cause(exc: BaseException, kind: type[E]) -> E | None:
-    """The innermost `kind` in `exc`'s chain (causes, contexts, Ray's `.cause`, Train's worker and controller
-    failures).
-
-    Innermost, because Ray re-raises a task's error as a class deriving from both RayTaskError and the
-    error's own class, whose text is a whole traceback; the original below it holds the one line."""
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every error under it, outermost first: causes, contexts, Ray's `.cause`, Train's worker and
+    controller failures."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
-    found: E | None = None
     while todo:
         err = todo.pop(0)
-        if err is None or id(err) in seen:
+        if id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, kind):
-            found = err
+        yield err
         nested = [err.__cause__, err.__context__, getattr(err, "cause", None),
                   getattr(err, "controller_failure", None)]
         failures = getattr(err, "worker_failures", None)
         if isinstance(failures, dict):
             nested += list(failures.values())
         todo += [n for n in nested if isinstance(n, BaseException)]
+
+
+def find_cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The innermost `kind` in `exc`'s chain.
+
+    Innermost, because Ray re-raises a task's error as a class deriving from both RayTaskError and the
+    error's own class, whose text is a whole traceback; the original below it holds the one line."""
+    found: E | None = None
+    for err in chain(exc):
+        if isinstance(err, kind):
+            found = err
     return found
 
 

@@ -40,3 +40,22 @@ def test_presets_are_listed_and_a_bad_name_is_one_line():
     assert listed["real-guidance"]["values"]["synthesis.strengths"] == [0.1] and "Table 1" in listed["cutmix"]["source"]
     bad = run([sys.executable, "-m", "engine.cli", "check", "preset=realguidance"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown preset 'realguidance'" in bad.stderr
+
+
+def test_expected_errors_are_one_line_and_an_exit_code(tmp_path):
+    """A corrupt image, an unreachable S3 endpoint, a diff-mix run without an adapter: `diffmix <stage>:
+    <message>` as the last line of stderr, no traceback, the documented code; --debug shows the traceback."""
+    (tmp_path / "birds" / "jay").mkdir(parents=True)
+    (tmp_path / "birds" / "jay" / "broken.png").write_bytes(b"not a png")
+    corrupt = ["dataset.source=imagefolder", f"dataset.uri={tmp_path / 'birds'}", "dataset.metaclass=bird"]
+    unreachable = [f"run.output=s3://bucket/runs", "storage.retries=0", "storage.max_stall_s=20",
+                   "storage.storage_options={client_kwargs: {endpoint_url: 'http://127.0.0.1:9'}}"]
+    cases = [("check", corrupt, 3, "image folder"), ("check", unreachable, 4, "s3://bucket/runs"),
+             ("synthesize", [f"run.output={tmp_path / 'runs'}", "synthesis.strategy=diff-mix"], 7, "adapter")]
+    for stage, args, code, named in cases:
+        out = run([sys.executable, "-m", "engine.cli", stage, *args])
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == code and last.startswith(f"diffmix {stage}: ") and named in last, out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
+    debug = run([sys.executable, "-m", "engine.cli", "check", "--debug", *corrupt])
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "DatasetError" in debug.stderr

@@ -8,8 +8,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600) -> tuple[str, str]:
-    """Submit with the real CLI, wait for a terminal state; return (status, logs)."""
+def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, message: list | None = None
+                    ) -> tuple[str, str]:
+    """Submit with the real CLI, wait for a terminal state; return (status, logs); `message` gets the
+    job's status message (what `ray job status` prints)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -26,6 +28,8 @@ def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600) 
     while True:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            if message is not None:
+                message.append(client.get_job_info(job_id).message or "")
             return str(status), client.get_job_logs(job_id)
         assert time.time() < deadline, f"job {job_id} still {status} after {timeout_s}s"
         time.sleep(1)
@@ -47,3 +51,17 @@ def test_failed_job_reports_the_bad_key(ray_cluster, tmp_path):
     ])
     assert status == "FAILED"
     assert "synthesis.strengths" in logs and "outside (0, 1]" in logs
+
+
+def test_failed_job_shows_the_one_line_error(ray_cluster, tmp_path):
+    """An expected error (a corrupt image) fails the job with `diffmix <stage>: <message>` and no traceback."""
+    (tmp_path / "birds" / "jay").mkdir(parents=True)
+    (tmp_path / "birds" / "jay" / "broken.png").write_bytes(b"not a png")
+    message: list = []
+    status, logs = submit_and_wait(ray_cluster, [
+        "python", "jobs/check.py", "dataset.source=imagefolder", f"dataset.uri={tmp_path / 'birds'}",
+        "dataset.metaclass=bird"], message=message)
+    assert status == "FAILED"
+    line = f"diffmix check: image folder {tmp_path / 'birds'}: 1 bad image(s): cannot decode image"
+    assert line in logs and "Traceback" not in logs, logs
+    assert "exit code 3" in message[0] and line in message[0], message

@@ -17,7 +17,9 @@ def decode(data: bytes, source: str = "<bytes>") -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise BadImageError(f"cannot decode image {source}: not an image file PIL knows") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"cannot decode image {source}: {exc}") from None
 
 

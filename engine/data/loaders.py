@@ -27,11 +27,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 class _BadImages:
-    """Collects undecodable images: raise on the first, or count them when skipping is on."""
+    """Collects undecodable images over a whole load: one error naming the first few and counting all,
+    or (with `skip_bad_images`) a count and a warning."""
+
+    SHOWN = 5
 
     def __init__(self, skip: bool) -> None:
         self.skip = skip
-        self.count = 0
+        self.errors: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.errors)
 
     def ok(self, data: bytes | None, source: str) -> bool:
         try:
@@ -40,11 +47,25 @@ class _BadImages:
             decode(data, source)
             return True
         except BadImageError as exc:
-            if not self.skip:
-                raise DatasetError(f"{exc} (set dataset.skip_bad_images: true to skip such files)") from None
-            self.count += 1
-            log.warning("skipping %s", exc)
+            self.errors.append(str(exc))
+            if self.skip:
+                log.warning("skipping %s", exc)
             return False
+
+    def check(self, where: str) -> None:
+        """After the load: every bad image in one error (unless skipping)."""
+        if self.skip or not self.errors:
+            return
+        shown = "; ".join(self.errors[: self.SHOWN])
+        more = f"; and {self.count - self.SHOWN} more" if self.count > self.SHOWN else ""
+        raise DatasetError(f"{where}: {self.count} bad image(s): {shown}{more} "
+                           "(set dataset.skip_bad_images: true to skip such files)")
+
+
+# Names that tools leave in image folders (Jupyter, macOS zips, editors): never classes or images,
+# as Hugging Face's imagefolder ignores them
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
 
 def _relative(uri: str, root: str) -> str:
@@ -54,8 +75,9 @@ def _relative(uri: str, root: str) -> str:
 # --- image folders ---------------------------------------------------------------------------
 def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad: _BadImages,
                  ) -> tuple[list[str], list[str], list[bytes], list[int]]:
-    files = [f for f in storage.walk_files(root) if not posixpath.basename(f).startswith(".")]
+    files = [f for f in storage.walk_files(root) if not _hidden(_relative(f, root))]
     by_class: dict[str, list[str]] = {}
+    other = 0
     for f in files:
         rel = _relative(f, root)
         if "/" not in rel:
@@ -64,9 +86,15 @@ def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad
         by_class.setdefault(cls, [])
         if f.lower().endswith(IMAGE_EXTENSIONS):
             by_class[cls].append(f)
+        else:
+            other += 1
+    if other:
+        log.info("image folder %s: ignored %d file(s) without an image extension %s", redact(root), other,
+                 "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))
     # a class folder with no files at all does not show up in a file walk: look for folders too
     for name in storage.list_dirs(root):
-        by_class.setdefault(name, [])
+        if not _hidden(name):
+            by_class.setdefault(name, [])
     names = class_names or sorted(by_class)
     unknown = sorted(set(by_class) - set(names))
     if unknown:
@@ -94,9 +122,11 @@ def load_imagefolder(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDa
     if storage.isdir(train_root) and storage.isdir(test_root):
         names, ids, images, labels = _folder_rows(storage, train_root, cfg.class_names, bad)
         _, t_ids, t_images, t_labels = _folder_rows(storage, test_root, names, bad)
+        bad.check(f"image folder {redact(root)}")
         train, test = make_table(ids, images, labels), make_table(t_ids, t_images, t_labels)
     else:
         names, ids, images, labels = _folder_rows(storage, root, cfg.class_names, bad)
+        bad.check(f"image folder {redact(root)}")
         train, test = stratified_split(make_table(ids, images, labels), cfg.test_fraction, len(names))
     return _finish(cfg, names, train, test, bad.count, posixpath.basename(root.rstrip("/")) or "imagefolder")
 
@@ -163,7 +193,7 @@ def load_parquet(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDatase
     else:
         if not storage.isdir(root):
             raise DatasetError(f"dataset root not found: {redact(root)}")
-        files = [f for f in storage.walk_files(root) if f.endswith(".parquet")]
+        files = [f for f in storage.walk_files(root) if f.endswith(".parquet") and not _hidden(_relative(f, root))]
     if not files:
         raise DatasetError(f"no .parquet files under {redact(root)}")
     bad = _BadImages(cfg.skip_bad_images)
@@ -179,6 +209,7 @@ def load_parquet(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDatase
         names = names or _hf_class_names(schema)
         for acc, vals in zip(split_rows[split], (ids, images, labels, groups)):
             acc.extend(vals)
+    bad.check(f"Parquet dataset {redact(root)}")
     if not names:
         raise DatasetError(
             f"Parquet dataset {redact(root)} declares no class names: set dataset.class_names "

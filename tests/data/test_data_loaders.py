@@ -60,6 +60,23 @@ def test_imagefolder_on_s3(tmp_path, s3_server, s3_bucket):
     assert remote.fingerprint() == local.fingerprint()
 
 
+def test_imagefolder_ignores_hidden_folders_and_non_images(tmp_path, caplog):
+    """What Jupyter, macOS zips and editors leave behind is not a class or an image (as in HF imagefolder)."""
+    root = make_folder(tmp_path / "birds")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x-checkpoint.png").write_bytes(png(1))
+    (root / "__MACOSX" / "jay").mkdir(parents=True)
+    (root / "__MACOSX" / "jay" / "._0.png").write_bytes(b"resource fork")
+    (root / "jay" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "jay" / "notes.txt").write_text("seen at the feeder")
+    (root / "wren" / ".hidden").mkdir()
+    (root / "wren" / ".hidden" / "9.png").write_bytes(b"not read")
+    with caplog.at_level("INFO", logger="engine.data.loaders"):
+        ds = load_dataset(cfg("dataset.source=imagefolder", f"dataset.uri={root}", "dataset.metaclass=bird"))
+    assert ds.class_names == ["cardinal", "jay", "wren"] and ds.train.num_rows + ds.test.num_rows == 15
+    assert "ignored 1 file(s) without an image extension" in caplog.text
+
+
 def test_imagefolder_bad_inputs(tmp_path):
     base = ("dataset.source=imagefolder", "dataset.metaclass=bird")
     with pytest.raises(DatasetError, match="dataset root not found: .*nowhere"):
@@ -76,6 +93,13 @@ def test_imagefolder_bad_inputs(tmp_path):
         load_dataset(cfg(*base, f"dataset.uri={root}"))
     ds = load_dataset(cfg(*base, f"dataset.uri={root}", "dataset.skip_bad_images=true"))
     assert ds.skipped == 1 and ds.train.num_rows + ds.test.num_rows == 15
+
+    root = make_folder(tmp_path / "many")                  # every bad file in one error, not one per run
+    for i in range(7):
+        (root / "wren" / f"bad{i}.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"7 bad image\(s\): .*wren/bad0\.png: not an image.*wren/bad4\.png: not an image file PIL knows; and 2 more"):
+        load_dataset(cfg(*base, f"dataset.uri={root}"))
+    assert load_dataset(cfg(*base, f"dataset.uri={root}", "dataset.skip_bad_images=true")).skipped == 7
 
     root = make_folder(tmp_path / "c")
     with pytest.raises(DatasetError, match="folder 'wren' is not in the class list"):
