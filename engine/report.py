@@ -143,7 +143,17 @@ def clip_histogram(inputs: ReportInputs) -> bytes | None:
     return _png(fig)
 
 
+def accuracy_axis(rows: list[ResultRow]) -> tuple[float, float]:
+    """A y-range that fits every seed and every mean ± std, with a margin: differences of a few points must
+    be visible (on 0..1 they are not)."""
+    values = [v for r in rows for v in (*r.top1, r.mean - r.std, r.mean + r.std)]
+    lo, hi = min(values), max(values)
+    pad = max(0.15 * (hi - lo), 0.01)
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
 def results_chart(inputs: ReportInputs) -> bytes | None:
+    """Per method: each seed's top-1 (small dots), the mean with a ± std bar; the real-only mean as a line."""
     if not inputs.results:
         return None
     import matplotlib
@@ -151,12 +161,21 @@ def results_chart(inputs: ReportInputs) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = inputs.results
     fig, ax = plt.subplots(figsize=(5.5, 3))
-    names = [r.method for r in inputs.results]
-    ax.bar(names, [r.mean for r in inputs.results], yerr=[r.std for r in inputs.results], color="#228833",
-           capsize=3)
+    x = list(range(len(rows)))
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r.top1), r.top1, s=12, color="#999999", zorder=2)
+    ax.errorbar(x, [r.mean for r in rows], yerr=[r.std for r in rows], fmt="o", color="#228833", capsize=4,
+                markersize=7, zorder=3)
+    baseline = next((r for r in rows if r.p == 0), None)
+    if baseline is not None:
+        ax.axhline(baseline.mean, color="#aa3377", linestyle="--", linewidth=1, label=f"{baseline.method} mean")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xticks(x, [r.method for r in rows])
     ax.set_ylabel("top-1 accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(*accuracy_axis(rows))
+    ax.grid(axis="y", alpha=0.3)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     return _png(fig)
 
@@ -195,7 +214,7 @@ def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
         sections.append(f"<p class='verdict'>{html.escape(inputs.verdict)}</p>")
     captions = {
         "grid.png": "Reference → translated images at each strength, for a few class pairs",
-        "results.png": "Top-1 accuracy by method",
+        "results.png": "Top-1 accuracy by method: each seed (grey), mean ± sample std (green), axis fitted",
         "clip_hist.png": "CLIP scores of the synthetic images and the filter threshold",
     }
     if "grid.png" in figures:

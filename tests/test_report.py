@@ -57,3 +57,14 @@ def test_report_files_exist_and_are_referenced(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert "0.510 ± 0.014" in text and "10.00 images/s" in text and "reads as expected" in text
     assert "CLIP Fréchet distance" in text and "<td>0.01234</td>" in text and "0.311 (0.402)" in text
+
+
+def test_accuracy_axis_fits_the_data_so_differences_show():
+    from engine.report import accuracy_axis
+
+    rows = [ResultRow("real-only", "-", 0.0, None, [0.855, 0.875, 0.883]),
+            ResultRow("diff-mix", "diff-mix", 0.3, 0.5, [0.864, 0.872, 0.880])]
+    lo, hi = accuracy_axis(rows)
+    assert 0.8 < lo < 0.855 and 0.89 < hi < 0.95                         # not 0..1
+    assert all(lo <= v <= hi for r in rows for v in (*r.top1, r.mean - r.std, r.mean + r.std))
+    assert accuracy_axis([ResultRow("x", "-", 0.0, None, [0.5])]) == (0.49, 0.51)  # one value: a small margin
