@@ -11,7 +11,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,7 @@ SHARD_SCHEMA = pa.schema(
 )
 METADATA_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "image"]
 MANIFEST = "manifest.json"
+CARD = "README.md"
 MIX_STRATEGIES = ("diff-mix", "real-mix")
 _PART = re.compile(r"^part-(\d{8,})-(\d{8,})\.parquet$")
 
@@ -54,9 +55,40 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def encode_table(table: pa.Table) -> bytes:
+def hf_features(class_names: Sequence[str]) -> dict[str, Any]:
+    """The shard columns as Hugging Face `datasets` features: `image` an Image, the labels ClassLabels."""
+    labels = {"_type": "ClassLabel", "names": list(class_names)}
+    value = {"int64": "int64", "string": "string", "double": "float64"}
+    return {f.name: ({"_type": "Image"} if f.name == "image" else dict(labels) if f.name.endswith("_label")
+                     else {"_type": "Value", "dtype": value[str(f.type)]}) for f in SHARD_SCHEMA}
+
+
+def dataset_card(class_names: Sequence[str], summary: str) -> str:
+    """A Hugging Face dataset card (README.md) for a set folder: `datasets.load_dataset(<folder>)` then reads
+    the shards with `image` as an Image and the labels as ClassLabels. (`load_dataset("parquet", ...)` takes
+    types from the files, where `image` stays binary: datasets applies a file's features only where the
+    Arrow type matches, and Image's is a struct, which would change the column for every other reader.)"""
+    import yaml
+
+    names = {str(i): n for i, n in enumerate(class_names)}
+    dtypes = {"int64": "int64", "string": "string", "double": "float64"}
+    features = [{"name": f.name, "dtype": "image" if f.name == "image" else
+                 {"class_label": {"names": names}} if f.name.endswith("_label") else dtypes[str(f.type)]}
+                for f in SHARD_SCHEMA]
+    front = {"dataset_info": {"features": features},
+             "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "part-*.parquet"}]}]}
+    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{summary}\n"
+
+
+def encode_table(table: pa.Table, class_names: Sequence[str] | None = None) -> bytes:
+    """A shard file: zstd Parquet in SHARD_SCHEMA; with `class_names`, the schema also carries Hugging Face
+    `datasets` features (schema metadata only: pyarrow, pandas and Ray read the same columns)."""
+    table = table.cast(SHARD_SCHEMA)
+    if class_names is not None:
+        meta = {"info": {"features": hf_features(class_names)}}
+        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
     buf = io.BytesIO()
-    pq.write_table(table.cast(SHARD_SCHEMA), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
 
 

@@ -13,7 +13,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from engine.data.shards import MANIFEST
+from engine.data.shards import CARD, MANIFEST
 from engine.storage import Storage, join, redact
 from engine.synthesis.sink import committed_files
 from engine.synthesis.translate import SynthesisError
@@ -65,6 +65,7 @@ def claim_output(storage: Storage, uri: str, plan_hash: str, plan: dict[str, Any
         for f in parts:
             storage.remove(f)
         storage.remove(join(uri, MANIFEST))
+        storage.remove(join(uri, CARD))
         storage.remove(join(uri, PLAN_FILE))
     storage.write_text(join(uri, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True))
     return True

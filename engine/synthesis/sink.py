@@ -66,11 +66,12 @@ def shard_table(rows: pa.Table, resolution: int) -> pa.Table:
     return pa.table({name: data[name] for name in SHARD_SCHEMA.names}).cast(SHARD_SCHEMA)
 
 
-def write_window(storage: Storage, uri: str, start: int, end: int, rows: pa.Table, resolution: int) -> dict:
+def write_window(storage: Storage, uri: str, start: int, end: int, rows: pa.Table, resolution: int,
+                 class_names: list[str] | None = None) -> dict:
     indices = rows.column("index").to_numpy()
     if len(indices) != end - start or not np.array_equal(indices, np.arange(start, end)):
         raise SynthesisError(f"window [{start}, {end}) holds plan rows {indices.tolist()[:8]}...: refusing to write")
-    blob = encode_table(shard_table(rows, resolution))
+    blob = encode_table(shard_table(rows, resolution), class_names)
     name = part_name(start, end)
     storage.write_bytes(join(uri, name), blob)
     return {"name": name, "start": start, "end": end, "bytes": len(blob),
@@ -78,12 +79,13 @@ def write_window(storage: Storage, uri: str, start: int, end: int, rows: pa.Tabl
             "clip_score": rows.column("clip_score").to_pylist()}
 
 
-def write_windows(batch: pa.Table, storage: Storage, uri: str, resolution: int) -> pa.Table:
+def write_windows(batch: pa.Table, storage: Storage, uri: str, resolution: int,
+                  class_names: list[str] | None = None) -> pa.Table:
     """Ray Data task (CPU): write every window of the batch; returns one stats row per file."""
     stats = []
     payload = batch.column("payload")
     for i, (start, end) in enumerate(zip(batch.column("start").to_pylist(), batch.column("end").to_pylist())):
-        stats.append(write_window(storage, uri, start, end, unpack(payload[i].as_buffer()), resolution))
+        stats.append(write_window(storage, uri, start, end, unpack(payload[i].as_buffer()), resolution, class_names))
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from engine import ray_local
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
-from engine.data.shards import MANIFEST, SyntheticSet
+from engine.data.shards import CARD, MANIFEST, SyntheticSet, dataset_card
 from engine.rates import rate, rate_note
 from engine.errors import raise_original_errors, surfaced
 from engine.models.sampler import sampler_identity
@@ -293,7 +293,8 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
         fn_constructor_kwargs={"model": job.clip, "storage": job.storage, "metaclass": job.dataset.metaclass,
                                "resolution": size, "batch_size": syn.clip_batch_size, "cpu_threads": syn.cpu_threads})
     ds = ds.map_batches(write_windows, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
-                        fn_kwargs={"storage": job.storage, "uri": job.output, "resolution": size})
+                        fn_kwargs={"storage": job.storage, "uri": job.output, "resolution": size,
+                                   "class_names": list(job.dataset.class_names)})
     for row in ds.iter_rows():
         yield stats_from_rows(row)
 
@@ -391,7 +392,20 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTim
         **timing.rates(),
     }
     write_manifest(job.storage, job.output, manifest)
+    write_card(job, manifest)
     return manifest
+
+
+def write_card(job: Job, manifest: dict[str, Any]) -> None:
+    """README.md: the set as a Hugging Face dataset (`datasets.load_dataset(<folder>)`), and what it holds."""
+    threshold = manifest["clip_threshold"]
+    summary = (f"# Diff-Mix synthetic set {job.plan_hash}\n\n{manifest['counts']['rows']} images, strategy "
+               f"{manifest['strategy']}, strengths {manifest['strengths']}, {len(job.dataset.class_names)} classes "
+               f"({job.dataset.metaclass}); plan and settings in manifest.json. Rows with clip_score below "
+               f"{threshold} are the ones the CLIP filter drops (filter_quantile {manifest['filter_quantile']}). "
+               "Soft labels: diff-mix / real-mix rows put strength**gamma on target_label and the rest on "
+               "ref_label; other rows are target_label.")
+    job.storage.write_text(join(job.output, CARD), dataset_card(job.dataset.class_names, summary))
 
 
 def with_set_metrics(job: Job, manifest: dict[str, Any]) -> dict[str, Any]:

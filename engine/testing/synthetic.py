@@ -50,7 +50,7 @@ def write_synthetic_set(uri: str, storage: Storage, class_names: Sequence[str], 
     for start in range(0, num_rows, rows_per_file):
         end = min(start + rows_per_file, num_rows)
         name = part_name(start, end)
-        storage.write_bytes(join(uri, name), encode_table(table.slice(start, end - start)))
+        storage.write_bytes(join(uri, name), encode_table(table.slice(start, end - start), class_names))
         files.append({"name": name, "rows": end - start})
     manifest = {
         "class_names": list(class_names),

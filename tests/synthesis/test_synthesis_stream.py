@@ -20,7 +20,7 @@ import pytest
 from engine.config import ExperimentConfig, load_config
 from engine.data import ImageDataset, encode_png, load_dataset
 from engine.data.builtin import CLASS_NAMES, METACLASS
-from engine.data.shards import MANIFEST, SyntheticSet, parse_part_name
+from engine.data.shards import CARD, MANIFEST, SyntheticSet, parse_part_name
 from engine.storage import Storage, StorageError, join
 from engine.testing.background import Background, wait_for_files
 from engine.testing.s3server import stalling_store_overrides
@@ -100,7 +100,7 @@ def test_local_sink_files_and_manifest(baseline):
     assert out.endswith("/synthetic/" + summary["plan_hash"])
     names = sorted(os.listdir(out))
     parts = [n for n in names if n.startswith("part-")]
-    assert names == sorted(parts + [MANIFEST, PLAN_FILE]) and len(parts) == FILES
+    assert names == sorted(parts + [MANIFEST, PLAN_FILE, CARD]) and len(parts) == FILES
     assert [parse_part_name(p) for p in parts] == [(i, i + 4) for i in range(0, TOTAL, 4)]
     manifest = read_json(Storage(), join(out, MANIFEST))
     assert manifest["plan_hash"] == summary["plan_hash"] and manifest["counts"]["rows"] == TOTAL
