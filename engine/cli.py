@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "sweep": "engine.pipeline:sweep",
     "evaluate": "engine.classify.evaluate:run",
     "compare-sets": "engine.synthesis.set_metrics:run",
+    "export": "engine.export:run",
     "pipeline": "engine.pipeline:run",
 }
 
@@ -42,6 +43,7 @@ NEEDS: dict[str, str] = {
     "sweep": "engine.classify.tune:sweep_needs",
     "evaluate": "engine.classify.evaluate:resource_needs",
     "compare-sets": "engine.synthesis.set_metrics:resource_needs",
+    "export": "engine.export:resource_needs",
 }
 
 

@@ -419,6 +419,21 @@ class EvaluateConfig(Section):
     output: str | None = Field(default=None, description="Default <run>/evaluate/<hash>")
 
 
+class ExportConfig(Section):
+    """`diffmix export`: a finished synthetic set as an image folder (+ labels.jsonl) or WebDataset shards."""
+
+    format: Literal["imagefolder", "webdataset"] = "imagefolder"
+    output: str | None = Field(default=None, description="Folder URI to export to (required)")
+    synthetic: str | None = Field(default=None, description="The set's folder; default this run's one set")
+    filtered: bool = Field(default=True, description="Only rows the CLIP filter keeps")
+    strengths: list[float] | None = Field(default=None, description="Only these strengths")
+    multiplier: float | None = Field(default=None, gt=0, description="Only the plan prefix of this multiplier")
+    gamma: float | None = Field(default=None, gt=0, description="Soft labels' exponent; default classify.gamma")
+    shard_rows: int = Field(default=1000, ge=1, description="WebDataset: samples per tar shard")
+    rows_per_task: int = Field(default=256, ge=1, description="Image folder: images written per Ray task")
+    cpus_per_task: float = Field(default=0.5, gt=0)
+
+
 class MetricsConfig(Section):
     """Synthetic-set metrics against the real train set (engine.synthesis.set_metrics): CLIP-space Fréchet
     distance and per-class diversity, Inception FID with local weights. Measuring never changes a set."""
@@ -460,6 +475,7 @@ class ExperimentConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @field_validator("preset")
