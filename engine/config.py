@@ -419,6 +419,15 @@ class EvaluateConfig(Section):
     output: str | None = Field(default=None, description="Default <run>/evaluate/<hash>")
 
 
+class TrackingConfig(Section):
+    """Where training curves go besides metrics.json (engine.tracking); never part of an output hash."""
+
+    tensorboard: bool = Field(default=True, description="TensorBoard event files in each run's tensorboard/")
+    mlflow_uri: str | None = Field(default=None, description="MLflow tracking URI (e.g. file:///path/mlruns or "
+                                   "http://host:5000); needs the `mlflow` extra")
+    mlflow_experiment: str = Field(default="diffmix", min_length=1)
+
+
 class ExportConfig(Section):
     """`diffmix export`: a finished synthetic set as an image folder (+ labels.jsonl) or WebDataset shards."""
 
@@ -476,6 +485,7 @@ class ExperimentConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @field_validator("preset")

@@ -35,6 +35,7 @@ from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fin
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
+from engine.tracking import Tracker, check_tracking
 from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, join, redact
@@ -273,6 +274,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
     if world > 1:
         p.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     progress = _Progress(step, history, world)
+    tracker = Tracker(cfg["tracking"], cfg["checkpoints"], storage,
+                      f"{cfg['trainer']}-{os.path.basename(cfg['checkpoints'].rstrip('/'))}",
+                      params={"steps": total, "seed": cfg["seed"], **{k: v for k, v in cfg["spec"].items()
+                                                                        if isinstance(v, (int, float, str))}}
+                      ) if rank == 0 and cfg["checkpoints"] else None
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": resumed_from}
     epoch, skip = locate(step, lambda e: len(epoch_batches(cfg, e, rank, world))) if step < total else (0, 0)
     while step < total:
@@ -286,9 +292,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
             is_ckpt = step % ckpt_every == 0 or final
             if is_ckpt or step % log_every == 0:
                 metrics = progress.close_window(step, resumed_from)
-                if rank == 0:
+                if tracker is not None:
                     log.info("step %d/%d loss %.4f%s", step, total, metrics["loss"],
                              f", {metrics['steps_per_s']:.2f} steps/s" if metrics["steps_per_s"] else "")
+                    tracker.log(metrics, step)
                 _report(p, step, progress, metrics, rank, checkpoint=is_ckpt, final=final, uri=cfg["checkpoints"])
             if final:
                 break
@@ -298,6 +305,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     if step == resumed_from and step > 0:  # restored at the end already (e.g. the artifact was deleted)
         _report(p, step, progress, {**metrics, "loss": history[-1][1] if history else None}, rank,
                 checkpoint=True, final=True, uri=cfg["checkpoints"])
+    if tracker is not None:
+        tracker.close()
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -403,7 +412,7 @@ def make_loop_config(config: ExperimentConfig, spec: dict[str, Any], base: Model
         "rows_per_task": ft.rows_per_task, "storage": dataclasses.asdict(Storage.from_config(config)),
         "steps": steps, "worker_batch": batch_size // num_workers, "seed": config.run.seed,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "fail_at_step": fail_at_step,
-        "failure_marker": failure_marker, "checkpoints": checkpoints,
+        "failure_marker": failure_marker, "checkpoints": checkpoints, "tracking": config.tracking,
         # CPU training: one torch thread per reserved CPU, whatever OMP_NUM_THREADS the worker inherited
         "cpu_threads": None if use_gpu else max(1, round(cpus_per_worker)),
     }
@@ -415,6 +424,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     ft = config.finetune
+    check_tracking(config.tracking)
     storage = Storage.from_config(config)
     ds = load_dataset(config, storage)
     validate_inputs(config, ds)

@@ -42,6 +42,7 @@ from engine.ray_local import Needs
 from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
+from engine.tracking import check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
     cfg = config.classify
     check_p(cfg.p)
     check_gamma(cfg.gamma)
+    check_tracking(config.tracking)
     storage = Storage.from_config(config)
     output = absolute(output or output_uri(config))
     synthetic_uri = None
@@ -255,6 +257,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from engine.classify.augment import cutmix, mixup, to_model_input
     from engine.classify.models import build_model
     from engine.classify.rebalance import cmo_active, drw_active, drw_weights, weighted_soft_cross_entropy
+    from engine.tracking import Tracker
 
     config = ExperimentConfig.model_validate(loop_config["config"])
     cfg = config.classify
@@ -302,6 +305,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     settings = StreamSettings(num_classes=num_classes, resolution=cfg.resolution, scale_min=cfg.crop_scale_min,
                               hflip=cfg.hflip, gamma=cfg.gamma, data_cpus=cfg.data_cpus,
                               rows_per_task=cfg.rows_per_task, inline_rows=cfg.inline_rows)
+    tracker = Tracker(config.tracking, output, storage, f"classify-{os.path.basename(output.rstrip('/'))}",
+                      params=cfg.model_dump(mode="json")) if rank == 0 else None
     class_weights = torch.as_tensor(drw_weights(np.asarray(inputs.train_counts), cfg.drw_beta), dtype=torch.float32)
     throughput: list[tuple[int, float, int]] = []  # (samples, seconds, steps) of each epoch of this attempt
     last_eval: dict[str, float] = {}
@@ -365,8 +370,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                  metrics["train_loss"], rows, int(share.synthetic_counts.sum()),
                  f", {metrics['train_samples_per_s']:.1f} samples/s" if metrics["train_samples_per_s"] else "",
                  f", top1 {last_eval['top1']:.4f}" if "eval_epoch" in metrics and "top1" in last_eval else "")
-        if rank == 0:
+        if tracker is not None:
             storage.write_text(join(output, HISTORY, f"epoch-{epoch:04d}.json"), json.dumps(metrics, sort_keys=True))
+            tracker.log(metrics, epoch)
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
@@ -378,3 +384,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     ray.train.report(metrics)
         else:
             ray.train.report(metrics)
+    if tracker is not None:
+        tracker.close()

@@ -38,6 +38,11 @@ def test_short_run_beats_chance(ray_session, tmp_path):
     on_disk = json.loads((tmp_path / "run" / "classify").joinpath(
         summary["output"].rsplit("/", 1)[-1], "metrics.json").read_text())
     assert on_disk["metrics"]["top1"] == metrics["top1"] and on_disk["synthetic"] == syn
+    from engine.tracking import read_scalars                              # the curves, for TensorBoard
+
+    curves = read_scalars(str(tmp_path / "run" / "classify" / summary["output"].rsplit("/", 1)[-1] / "tensorboard"))
+    assert [step for step, _ in curves["train_loss"]] == [1, 2, 3] and curves["top1"][-1][1] == pytest.approx(
+        metrics["top1"])
     assert resolve_stage("classify") is run
 
 
