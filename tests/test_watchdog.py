@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from engine.testing.background import Background, wait_until
@@ -75,5 +76,7 @@ def test_starved_stream_is_named_in_a_warning_then_finishes(ray_session, tiny_ca
         ray_session.kill(hog)
     result = job.join(300)
     warning = next(r.getMessage() for r in caplog.records if "waiting" in r.getMessage())
-    assert "Translator actors" in warning and "{CPU: 1}" in warning and "CPU 0.5 of 4 free" in warning
+    # the half CPU left is free, or held by a 0.5-CPU reference task at the moment of the snapshot
+    assert "Translator actors" in warning and "{CPU: 1}" in warning
+    assert re.search(r"CPU (0|0\.5) of 4 free", warning), warning
     assert result["written"] == 10 and result["rows"] == 10
