@@ -64,6 +64,7 @@ ERROR_CODES: list[tuple[str, str, int]] = [
     ("engine.pretrain", "PretrainError", 8),
     ("engine.classify.evaluate", "EvaluateError", 9),
     ("engine.synthesis.set_metrics", "MetricsError", 9),
+    ("engine.tracking", "TrackingError", 9),
 ]
 DEBUG_ENV = "DIFFMIX_DEBUG"
 
