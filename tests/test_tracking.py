@@ -23,8 +23,10 @@ def test_tensorboard_events_are_copied_whole_into_the_run_folder(tmp_path):
     assert not os.path.exists(tmp_path / "off")
 
 
-def test_mlflow_file_store_gets_the_params_and_curves(tmp_path):
+def test_mlflow_file_store_gets_the_params_and_curves(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores behind this switch
 
     uri = f"file://{tmp_path / 'mlruns'}"
     check_tracking(TrackingConfig(mlflow_uri=uri))
