@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from engine.config import ExperimentConfig
-from engine.data.shards import ShardError, SyntheticSet, soft_labels
+from engine.data.shards import ShardError, SyntheticSet, read_shards, soft_labels
 from engine.ray_local import Needs
 from engine.storage import Storage, join, redact
 
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "export.json"
 LABELS_FILE = "labels.jsonl"
-_COLUMNS = ["index", "image", "strategy", "ref_label", "target_label", "strength"]
 
 
 def sample_key(index: int) -> str:
@@ -58,21 +55,11 @@ def label_record(row: dict[str, Any], target: np.ndarray, class_names: list[str]
             "soft_label": {class_names[c]: round(float(target[c]), 6) for c in np.flatnonzero(target)}}
 
 
-def read_rows(storage: Storage, files: list[str], wanted: np.ndarray) -> pa.Table:
-    """The wanted plan rows of these shard files, in plan order."""
-    value_set = pa.array(wanted, type=pa.int64())
-    parts = []
-    for uri in files:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=_COLUMNS)
-        parts.append(t.filter(pc.is_in(t.column("index"), value_set=value_set)))
-    return pa.concat_tables(parts).sort_by("index")
-
-
 def export_unit(batch: pa.Table, storage: Storage, output: str, fmt: str, class_names: list[str],
                 gamma: float) -> pa.Table:
     """One Ray task: one work unit (its shard files, its plan indices) -> image files or one tar shard."""
     (files,), (indices,), (unit,) = (batch.column(c).to_pylist() for c in ("files", "indices", "unit"))
-    rows = read_rows(storage, files, np.asarray(indices, dtype=np.int64))
+    rows = read_shards(files, storage, np.asarray(indices, dtype=np.int64)).sort_by("index")
     records = label_records(rows, class_names, gamma)
     images = rows.column("image").to_pylist()
     lines = []

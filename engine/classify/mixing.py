@@ -10,26 +10,22 @@ batch holds exactly the plan's mix. Nothing is copied to local disk; p = 0 reads
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from engine.classify.augment import eval_images, train_images
 from engine.classify.labels import check_gamma, one_hot, synthetic_targets
 from engine.data.epochs import Block, InlineEpoch
-from engine.data.shards import ShardError, SyntheticSet
+from engine.data.shards import ShardError, SyntheticSet, read_shards
 from engine.storage import Storage, redact
 
 log = logging.getLogger(__name__)
 
 NO_SYNTHETIC = -1
-_SYNTHETIC_COLUMNS = ["index", "image", "strategy", "ref_label", "target_label", "strength"]
 
 
 def check_p(p: float) -> None:
@@ -205,24 +201,6 @@ def synthetic_batch(batch: pa.Table, selected_index: np.ndarray, counts: np.ndar
                           rows.column("target_label").to_pylist(), rows.column("strength").to_pylist(),
                           settings.gamma, settings.num_classes)
     return {"x": x, "y": y.astype(np.float32), "index": rows.column("index").to_numpy().astype(np.int64)}
-
-
-def read_shards(files: list[str], storage: Storage, wanted: np.ndarray, max_parallel: int = 8) -> pa.Table:
-    """The rows of `files` whose plan index is in `wanted`, fetched from storage (no local copy).
-
-    Files are fetched concurrently: on object storage each is one GET, and their latency, not
-    bandwidth, is what a task waits for.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    value_set = pa.array(wanted, type=pa.int64())
-    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(files)))) as pool:
-        blobs = list(pool.map(storage.read_bytes, files))
-    parts = []
-    for blob in blobs:
-        table = pq.read_table(io.BytesIO(blob), columns=_SYNTHETIC_COLUMNS)
-        parts.append(table.filter(pc.is_in(table.column("index"), value_set=value_set)))
-    return pa.concat_tables(parts)
 
 
 # one row per task: its real blocks, its shard files, and the seed of its augmentations

@@ -35,7 +35,7 @@ from engine.classify.mixing import (
 from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
 from engine.data.epochs import Block, ordered, put_blocks
-from engine.data.shards import MANIFEST, ShardError
+from engine.data.shards import ShardError, complete_sets
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
@@ -115,14 +115,14 @@ def resolve_synthetic(config: ExperimentConfig, storage: Storage) -> str:
     if config.classify.synthetic:
         return absolute(config.classify.synthetic)
     root = absolute(join(config.run.uri, "synthetic"))
-    found = storage.glob(root, "*/" + MANIFEST) if storage.isdir(root) else []
+    found = complete_sets(root, storage)
     if len(found) != 1:
         what = "no synthetic set" if not found else f"{len(found)} synthetic sets"
         raise ShardError(
             f"classify.p = {config.classify.p} needs synthetic images, but there is {what} under {redact(root)}: "
             "set classify.synthetic to the set's folder (or run `diffmix synthesize` first)"
         )
-    return join(root, found[0].rstrip("/").split("/")[-2])
+    return found[0]
 
 
 def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,

@@ -110,6 +110,34 @@ def soft_labels(strategy: Iterable[str], ref_label: Iterable[int | None], target
     return out
 
 
+def complete_sets(root: str, storage: Storage) -> list[str]:
+    """The folders under `root` that hold a complete synthetic set (a manifest), sorted."""
+    found = storage.glob(root, "*/" + MANIFEST) if storage.isdir(root) else []
+    return [join(root, f.rstrip("/").split("/")[-2]) for f in sorted(found)]
+
+
+# the columns a reader of drawn rows needs (images and what their labels are computed from)
+ROW_COLUMNS = ["index", "image", "strategy", "ref_label", "target_label", "strength"]
+
+
+def read_shards(files: list[str], storage: Storage, wanted: np.ndarray, max_parallel: int = 8) -> pa.Table:
+    """The rows of `files` whose plan index is in `wanted`, fetched from storage (no local copy).
+
+    Files are fetched concurrently: on object storage each is one GET, and their latency, not
+    bandwidth, is what a task waits for.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    value_set = pa.array(wanted, type=pa.int64())
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(files)))) as pool:
+        blobs = list(pool.map(storage.read_bytes, files))
+    parts = []
+    for blob in blobs:
+        table = pq.read_table(io.BytesIO(blob), columns=ROW_COLUMNS)
+        parts.append(table.filter(pc.is_in(table.column("index"), value_set=value_set)))
+    return pa.concat_tables(parts)
+
+
 @dataclass
 class SyntheticSet:
     """A committed synthetic set: its manifest, and readers that select rows without copying the set."""

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import ExperimentConfig
-from engine.data.shards import MANIFEST, SyntheticSet
+from engine.data.shards import SyntheticSet, complete_sets
 from engine.ray_local import Needs
 from engine.storage import Storage, join, redact
 from engine.synthesis.translate import ModelRef
@@ -354,10 +354,10 @@ def set_folders(config: ExperimentConfig, storage: Storage) -> list[str]:
     if config.metrics.sets:
         return list(config.metrics.sets)
     root = join(config.run.uri, "synthetic")
-    found = storage.glob(root, "*/" + MANIFEST) if storage.isdir(root) else []
+    found = complete_sets(root, storage)
     if not found:
         raise MetricsError(f"no synthetic set under {redact(root)}: set metrics.sets or run `diffmix synthesize`")
-    return [join(root, f.rstrip("/").split("/")[-2]) for f in sorted(found)]
+    return found
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
