@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "compare-sets": "engine.synthesis.set_metrics:run",
     "export": "engine.export:run",
     "pipeline": "engine.pipeline:run",
+    "plan": "engine.synthesis.dryrun:run",
 }
 
 
@@ -112,14 +113,47 @@ def build_parser(stages: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help=f"tracebacks for expected errors too (or set {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    plan = parser.add_argument_group("plan (dry run) only")
+    plan.add_argument("--rate", default=None, help="images per GPU-hour to plan with (default: the recorded benchmark)")
+    plan.add_argument("--deadline", default=None, help="hours the synthesis must finish in: prints the GPUs needed")
+    plan.add_argument("--train-images", default=None, help="|train| to plan with instead of counting the dataset")
+    plan.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
+
+
+# `diffmix plan` flag -> (config key, parser, what a valid value is)
+PLAN_FLAGS: dict[str, tuple[str, Callable[[str], float], str]] = {
+    "rate": ("cost.rate", float, "a positive number of images per GPU-hour"),
+    "deadline": ("cost.deadline_h", float, "a positive number of hours"),
+    "train_images": ("cost.train_images", int, "a positive whole number of images"),
+}
+
+
+def plan_overrides(args: argparse.Namespace) -> list[str]:
+    """The plan flags as config overrides; a bad or misplaced value is a ConfigError naming the flag."""
+    out = []
+    for name, (key, parse, what) in PLAN_FLAGS.items():
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if args.stage != "plan":
+            raise ConfigError(f"{flag} is an option of `diffmix plan` only")
+        try:
+            value = parse(raw)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise ConfigError(f"{flag} must be {what}, got {raw!r}")
+        out.append(f"{key}={value}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     setup_logging(args.log_level)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides + plan_overrides(args))
     except ConfigError as exc:
         print(f"diffmix {args.stage}: {exc}", file=sys.stderr)
         return 2
@@ -132,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         err, code = found
         print(f"diffmix {args.stage}: {err}", file=sys.stderr)
         return code
-    if summary is not None:
+    if args.stage == "plan" and not args.json:
+        print("\n".join(summary["lines"]))
+    elif summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0
 

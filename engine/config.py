@@ -196,6 +196,35 @@ class FinetuneConfig(Section):
         return self
 
 
+class SpeedConfig(Section):
+    """Exact speed options of the Translator (engine.synthesis.speed): execution knobs, not in the plan hash;
+    the applied values are recorded in the set's manifest. Each computes the same math with other kernels,
+    so images may differ in the last bits (measured: tests/synthesis/test_speed_exactness.py and
+    `python -m engine.bench synthesis --gpu`). CUDA-only ones are recorded as not applicable on a CPU."""
+
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = Field(
+        default="off", description="torch.compile the UNet (and VAE encoder/decoder) with this Inductor mode; "
+        "off by default: the first warm-up costs minutes on a CPU and tens of seconds per actor on a GPU (cached "
+        "under <model.cache_dir>/inductor for restarts); reduce-overhead adds CUDA graphs (CPU: compiled "
+        "without them)")
+    compile_vae: bool = Field(default=True, description="With compile: also compile the VAE encoder and decoder")
+    channels_last: bool | None = Field(default=None, description="UNet/VAE in channels-last memory format; "
+                                       "default: on CUDA, off on CPU (no gain there)")
+    fuse_qkv: bool | None = Field(default=None, description="Fused attention q/k/v projections "
+                                  "(pipe.fuse_qkv_projections()); default: on CUDA, off on CPU")
+    cudnn_benchmark: bool = Field(default=False, description="cuDNN autotuning (CUDA only): off by default, its "
+                                  "per-process choice of kernels makes images differ in the last bits between actors")
+    pad_last_batch: bool | None = Field(default=None, description="Pad a strength run's last short batch to "
+                                        "batch_size (padded rows are generated and dropped) so shapes stay static; "
+                                        "default: on when compile is on")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML reads a bare `off` (and `false`) as a boolean: both mean compile off."""
+        return "off" if v is False else v
+
+
 class SynthesisConfig(Section):
     """Generate the synthetic set (DESIGN.md steps 2-4).
 
@@ -227,6 +256,9 @@ class SynthesisConfig(Section):
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads per actor on CPU; default Ray's")
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each Translator actor asks for, e.g. {gpu_slot: 1} "
+        "to place Translators only on nodes started with that resource; CPU/GPU have their own keys")
     clip_batch_size: int = Field(default=32, ge=1)
     clip_num_gpus: float = Field(default=0.0, ge=0)
     clip_actors: int = Field(default=1, ge=1, description="Upper size of the ClipScorer pool")
@@ -234,6 +266,8 @@ class SynthesisConfig(Section):
     overwrite: bool = False
     log_every_s: float = Field(default=30.0, gt=0)
     fail_actor_after: int | None = Field(default=None, ge=1, description="Test-only: an actor dies once after N batches")
+    speed: SpeedConfig = Field(default_factory=SpeedConfig, description="Exact Translator speed options (not in "
+                               "the plan hash)")
 
     @field_validator("strengths")
     @classmethod
@@ -250,6 +284,16 @@ class SynthesisConfig(Section):
     def _multiple_of_eight(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"resolution {v} is not a multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource: use cpus_per_actor / num_gpus_per_actor")
+            if amount <= 0:
+                raise ValueError(f"resource {name!r} must be > 0, got {amount}")
         return v
 
     @model_validator(mode="after")
@@ -460,6 +504,42 @@ class MetricsConfig(Section):
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
 
 
+class NodePrice(Section):
+    """One cloud instance type: what an hour of it costs and how many GPUs it has."""
+
+    usd_per_hour: float = Field(gt=0)
+    gpus: int = Field(default=0, ge=0)
+    gpu: str | None = Field(default=None, description="GPU model, for the printout")
+
+
+# Illustrative defaults for the instance types cluster.yaml names: AWS on-demand Linux list prices
+# (us-east-1 / us-west-2) as recorded by the engine's authors from AWS's public price pages in 2024, NOT
+# looked up at run time and not current: edit `cost.node_types` (or override it) before relying on a figure.
+# cluster.yaml asks for spot capacity for the GPU group, which is usually cheaper than these.
+DEFAULT_NODE_PRICES: dict[str, dict[str, Any]] = {
+    "m5.2xlarge": {"usd_per_hour": 0.384, "gpus": 0},
+    "g5.2xlarge": {"usd_per_hour": 1.212, "gpus": 1, "gpu": "A10G"},
+    "p4d.24xlarge": {"usd_per_hour": 32.7726, "gpus": 8, "gpu": "A100 40GB"},
+}
+
+
+class CostConfig(Section):
+    """`diffmix plan`: the dry run that sizes and prices a synthesis job before any GPU works."""
+
+    cluster_yaml: str = Field(default="cluster.yaml", min_length=1,
+                              description="Ray cluster launcher config whose node types are priced")
+    node_types: dict[str, NodePrice] = Field(
+        default_factory=lambda: {k: NodePrice(**v) for k, v in DEFAULT_NODE_PRICES.items()},
+        description="Instance type -> hourly price and GPUs (illustrative 2024 AWS list prices: edit them)")
+    rate: float | None = Field(default=None, gt=0, description="Images per GPU-hour to plan with (default: the "
+                               "recorded GPU benchmark, engine.synthesis.recorded_rates, scaled by work per image)")
+    deadline_h: float | None = Field(default=None, gt=0, description="Hours the synthesis must finish in")
+    train_images: int | None = Field(default=None, ge=1, description="|train| to plan with instead of counting "
+                                     "the dataset (after dataset.subset)")
+    png_bytes_per_pixel: float = Field(default=1.5, gt=0, description="Stored PNG bytes per pixel (RGB photos "
+                                       "compress losslessly to about 10-14 bits per pixel)")
+
+
 class DemoConfig(Section):
     """The built-in demo's comparison: which methods to train, over which seeds, and the report."""
 
@@ -487,6 +567,7 @@ class ExperimentConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @field_validator("preset")
     @classmethod

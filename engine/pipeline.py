@@ -14,6 +14,7 @@ from engine.cli import STAGES, resolve_stage, stage_needs
 from engine.config import ExperimentConfig, validate
 from engine.ray_local import Needs, ensure_ray
 from engine.storage import Storage, join, redact
+from engine.synthesis.dryrun import log_estimate
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     storage = Storage.from_config(config)
     summary: dict[str, Any] = {"run": redact(config.run.uri), "config_hash": config.hash()}
     diff = config.synthesis.strategy.startswith("diff-")
+    log_estimate(config)  # what `diffmix plan` prints: rows, UNet evaluations, GPU-hours, cost, bytes
     start_ray_for(config, (["finetune"] if diff else []) + ["synthesize", "classify"], "pipeline")
     if diff:
         summary["finetune"] = run_stage("finetune", config)

@@ -16,11 +16,18 @@ def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, 
 
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run(
-        [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--no-wait",
-         "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env}), "--", *entrypoint],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    # The head's dashboard answers "No available agent to submit job, please try again later" while its
+    # job agent is (re)registering, which a loaded 2-core machine stretches to tens of seconds: retry that.
+    agent_deadline = time.time() + 120
+    while True:
+        out = subprocess.run(
+            [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--no-wait",
+             "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env}), "--", *entrypoint],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > agent_deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stderr + out.stdout
     job_id = next(w.strip("'\"") for line in out.stdout.splitlines() for w in line.split() if w.strip("'\"").startswith("raysubmit_"))
     client = JobSubmissionClient(ray_cluster["dashboard_url"])

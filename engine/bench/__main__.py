@@ -13,6 +13,7 @@ from engine.bench.table import Row, format_table
 # name -> module exposing run(args) -> list[Row]; stages add theirs here
 BENCHMARKS: dict[str, str] = {
     "classify": "engine.bench.classify",
+    "dataset": "engine.bench.dataset",
     "finetune": "engine.bench.finetune",
     "synthesis": "engine.bench.synthesis",
 }
@@ -22,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.bench")
     parser.add_argument("names", nargs="*", help=f"subset of {sorted(BENCHMARKS)}")
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA-sized cases (needs a GPU)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="--gpu cases on this device (default: cuda when available; cpu implies --tiny)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="--gpu cases on the tiny offline model (the GPU path tested on a CPU)")
     parser.add_argument("--out", default="runs/bench", help="folder for results.json")
+    parser.add_argument("--dataset-sizes", default=None,
+                        help="dataset bench: image counts to compare, e.g. 200,2000 (default 1000,50000)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.names or sorted(BENCHMARKS)

@@ -3,6 +3,10 @@
 All of them validate before any stage starts: a missing root, an empty class, an image that
 does not decode, or a label outside the class list is an error naming the file or class
 (unless `skip_bad_images` is on, in which case bad images are counted and logged).
+
+Image folders (local or any fsspec URI) are listed on the driver and read and decoded by Ray tasks
+(engine.data.reads): the dataset then holds ids, labels, URIs, sizes and content hashes, not bytes.
+Parquet files embed their images and are still read here (a known limit, README "Scaling out > Driver").
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import pyarrow.parquet as pq
 
 from engine.config import DatasetConfig, ExperimentConfig
 from engine.data import builtin
-from engine.data.dataset import DatasetError, ImageDataset, check_labels, make_table
+from engine.data.dataset import DatasetError, ImageDataset, check_labels, make_index, make_table
 from engine.data.images import BadImageError, decode
+from engine.data.reads import check_uris
 from engine.data.splits import few_shot, long_tail, stratified_split
 from engine.storage import Storage, join, redact
 
@@ -52,6 +57,15 @@ class _BadImages:
                 log.warning("skipping %s", exc)
             return False
 
+    def ok_checked(self, error: str | None) -> bool:
+        """Record the outcome of a file checked elsewhere (a worker's error message, or None)."""
+        if error is None:
+            return True
+        self.errors.append(error)
+        if self.skip:
+            log.warning("skipping %s", error)
+        return False
+
     def check(self, where: str) -> None:
         """After the load: every bad image in one error (unless skipping)."""
         if self.skip or not self.errors:
@@ -73,8 +87,9 @@ def _relative(uri: str, root: str) -> str:
 
 
 # --- image folders ---------------------------------------------------------------------------
-def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad: _BadImages,
-                 ) -> tuple[list[str], list[str], list[bytes], list[int]]:
+def _folder_listing(storage: Storage, root: str, class_names: list[str] | None,
+                    ) -> tuple[list[str], list[str], list[str], list[int]]:
+    """(class names, ids, URIs, labels) of an image-folder tree, from a listing: names only, no reads."""
     files = [f for f in storage.walk_files(root) if not _hidden(_relative(f, root))]
     by_class: dict[str, list[str]] = {}
     other = 0
@@ -102,15 +117,29 @@ def _folder_rows(storage: Storage, root: str, class_names: list[str] | None, bad
     for cls in names:
         if not by_class.get(cls):
             raise DatasetError(f"image folder {redact(root)}: class {cls!r} has no images")
-    ids, images, labels = [], [], []
+    ids, uris, labels = [], [], []
     for label, cls in enumerate(names):
         for f in sorted(by_class[cls]):
-            data = storage.read_bytes(f)
-            if bad.ok(data, redact(f)):
-                ids.append(_relative(f, root))
-                images.append(data)
-                labels.append(label)
-    return names, ids, images, labels
+            ids.append(_relative(f, root))
+            uris.append(f)
+            labels.append(label)
+    return names, ids, uris, labels
+
+
+def _checked_index(storage: Storage, splits: list[tuple[list[str], list[str], list[int]]], bad: _BadImages,
+                   ) -> list[pa.Table]:
+    """Every split's files read and decoded in one parallel job off the driver (engine.data.reads); bad
+    files go to `bad`, the rest become INDEX_SCHEMA rows with their sizes and content hashes."""
+    checked = check_uris([u for _, uris, _ in splits for u in uris], storage)
+    sizes, digests = checked.column("size").to_pylist(), checked.column("sha256").to_pylist()
+    errors = checked.column("error").to_pylist()
+    out, at = [], 0
+    for ids, uris, labels in splits:
+        keep = [i for i in range(len(ids)) if bad.ok_checked(errors[at + i])]
+        out.append(make_index([ids[i] for i in keep], [uris[i] for i in keep], [labels[i] for i in keep],
+                              [sizes[at + i] for i in keep], [digests[at + i] for i in keep]))
+        at += len(ids)
+    return out
 
 
 def load_imagefolder(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDataset:
@@ -120,15 +149,17 @@ def load_imagefolder(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDa
     bad = _BadImages(cfg.skip_bad_images)
     train_root, test_root = join(root, "train"), join(root, "test")
     if storage.isdir(train_root) and storage.isdir(test_root):
-        names, ids, images, labels = _folder_rows(storage, train_root, cfg.class_names, bad)
-        _, t_ids, t_images, t_labels = _folder_rows(storage, test_root, names, bad)
+        names, ids, uris, labels = _folder_listing(storage, train_root, cfg.class_names)
+        _, t_ids, t_uris, t_labels = _folder_listing(storage, test_root, names)
+        train, test = _checked_index(storage, [(ids, uris, labels), (t_ids, t_uris, t_labels)], bad)
         bad.check(f"image folder {redact(root)}")
-        train, test = make_table(ids, images, labels), make_table(t_ids, t_images, t_labels)
     else:
-        names, ids, images, labels = _folder_rows(storage, root, cfg.class_names, bad)
+        names, ids, uris, labels = _folder_listing(storage, root, cfg.class_names)
+        (rows,) = _checked_index(storage, [(ids, uris, labels)], bad)
         bad.check(f"image folder {redact(root)}")
-        train, test = stratified_split(make_table(ids, images, labels), cfg.test_fraction, len(names))
-    return _finish(cfg, names, train, test, bad.count, posixpath.basename(root.rstrip("/")) or "imagefolder")
+        train, test = stratified_split(rows, cfg.test_fraction, len(names))
+    return _finish(cfg, names, train, test, bad.count, posixpath.basename(root.rstrip("/")) or "imagefolder",
+                   storage)
 
 
 # --- Hugging Face-style Parquet --------------------------------------------------------------
@@ -237,12 +268,12 @@ def load_builtin(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDatase
 
 # --- common ----------------------------------------------------------------------------------
 def _finish(cfg: DatasetConfig, names: list[str], train: pa.Table, test: pa.Table, skipped: int,
-            name: str) -> ImageDataset:
+            name: str, storage: Storage | None = None) -> ImageDataset:
     if not cfg.metaclass:
         raise DatasetError(f"dataset.metaclass is required for the {cfg.source} source (e.g. bird, car)")
     if skipped:
         log.warning("dataset %s: skipped %d bad image(s)", name, skipped)
-    return ImageDataset(list(names), cfg.metaclass, train, test, name=name, skipped=skipped)
+    return ImageDataset(list(names), cfg.metaclass, train, test, name=name, skipped=skipped, storage=storage)
 
 
 def check_train_classes(ds: ImageDataset) -> None:
@@ -270,8 +301,8 @@ def load_dataset(config: ExperimentConfig, storage: Storage | None = None, apply
         return ds
     if cfg.subset.kind == "few_shot":
         assert cfg.subset.shots is not None
-        return ds.with_train(few_shot(ds.train, cfg.subset.shots, ds.num_classes, config.run.seed),
+        return ds.with_train(few_shot(ds.train_rows, cfg.subset.shots, ds.num_classes, config.run.seed),
                              f"{cfg.subset.shots}shot")
     assert cfg.subset.imbalance_factor is not None
-    return ds.with_train(long_tail(ds.train, cfg.subset.imbalance_factor, ds.num_classes, config.run.seed),
+    return ds.with_train(long_tail(ds.train_rows, cfg.subset.imbalance_factor, ds.num_classes, config.run.seed),
                          f"lt{cfg.subset.imbalance_factor:g}")

@@ -16,6 +16,7 @@ from typing import Any
 from engine.data.shards import CARD, MANIFEST
 from engine.storage import Storage, join, redact
 from engine.synthesis.sink import committed_files
+from engine.synthesis.speed import SpeedOptions, resolve
 from engine.synthesis.translate import SynthesisError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,13 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def speed_record(synthesis: Any) -> dict[str, Any]:
+    """The Translator speed options as they apply on the actors' device (GPU actors: cuda): each option's
+    effective value, CUDA-only ones as 'not applicable on cpu' on a CPU stream."""
+    device = "cuda" if synthesis.num_gpus_per_actor > 0 else "cpu"
+    return resolve(SpeedOptions.from_config(synthesis.speed), device).record()
 
 
 def read_json(storage: Storage, uri: str) -> dict[str, Any] | None:

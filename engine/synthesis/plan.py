@@ -208,7 +208,7 @@ def _cycle(spec: PlanSpec, pool_key: int, pool: np.ndarray, count: int) -> np.nd
     return np.concatenate(parts)[:count] if parts else np.empty(0, dtype=np.int64)
 
 
-def _strengths(spec: PlanSpec, total: int) -> np.ndarray:
+def row_strengths(spec: PlanSpec, total: int) -> np.ndarray:
     values = np.array(spec.effective_strengths, dtype=np.float64)
     k = len(values)
     runs = np.arange(total, dtype=np.int64) // spec.strength_run
@@ -270,7 +270,7 @@ def build_plan(spec: PlanSpec, ref_ids: Sequence[str], ref_labels: np.ndarray, n
             "ref_id": pa.array(np.where(has_ref, ids[np.where(has_ref, ref_pos, 0)], None), type=pa.string()),
             "ref_label": pa.array(np.where(has_ref, labels[np.where(has_ref, ref_pos, 0)], 0), mask=~has_ref),
             "target_label": targets,
-            "strength": _strengths(spec, total),
+            "strength": row_strengths(spec, total),
             "seed": row_seeds(spec.seed, index),
             "prompt": pa.array([prompts[t] for t in targets], type=pa.string()),
         },

@@ -32,11 +32,12 @@ from engine.storage import Storage, StorageError, join, redact
 from engine.watchdog import Watchdog, free_resources, labels_for
 from engine.synthesis import set_metrics
 from engine.synthesis.filter import clip_threshold, kept_mask
-from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, versions, write_manifest
+from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, speed_record, versions, write_manifest
 from engine.synthesis.plan import PlanSpec, build_plan, is_gen, plain_prompts, uses_adapter
-from engine.synthesis.references import check_references, load_references
+from engine.synthesis.references import check_references, load_references, reference_table
 from engine.synthesis.score import ClipScorer
 from engine.synthesis.sink import FileStats, read_committed, stats_from_rows, write_windows
+from engine.synthesis.speed import SpeedOptions
 from engine.synthesis.translate import ModelRef, SynthesisError, TranslateParams, Translator
 from engine.synthesis.windows import make_windows, stream_row
 
@@ -159,9 +160,9 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
     base_id, clip_id = model_identity(base, storage), model_identity(clip, storage)
     settings = {"base": resolved_settings(base, "sd", storage), "clip": resolved_settings(clip, "clip", storage)}
     if is_gen(syn.strategy):
-        usable, skipped = np.ones(ds.train.num_rows, dtype=bool), []
+        usable, skipped = np.ones(ds.train_rows.num_rows, dtype=bool), []
     else:
-        usable, skipped = check_references(ds.train, config.dataset.skip_bad_images)
+        usable, skipped = check_references(ds.train_rows, config.dataset.skip_bad_images)
     identity = {
         "num_inference_steps": syn.num_inference_steps, "guidance_scale": syn.guidance_scale,
         "sampler": sampler_identity(syn.sampler),
@@ -173,7 +174,7 @@ def prepare(config: ExperimentConfig, dataset: ImageDataset | None = None) -> Jo
                     syn.seed if syn.seed is not None else config.run.seed, syn.strength_run,
                     syn.referable_classes, syn.long_tail, identity)
     prompts = adapter.prompts if adapter else plain_prompts(ds.class_names, ds.metaclass)
-    plan = build_plan(spec, ds.train.column("id").to_pylist(), ds.train.column("label").to_numpy(),
+    plan = build_plan(spec, ds.train_rows.column("id").to_pylist(), ds.train_rows.column("label").to_numpy(),
                       ds.num_classes, prompts, usable)
     plan_hash = spec.hash()
     set_metrics.check_weights(config, storage)
@@ -197,7 +198,8 @@ def operator_labels(config: ExperimentConfig) -> dict[Any, str]:
     """The stream's operators by the resources each of their tasks/actors asks for (for stall warnings)."""
     syn = config.synthesis
     return labels_for([({"CPU": syn.cpus_per_task}, "reference-loading / shard-writing tasks"),
-                       ({"CPU": syn.cpus_per_actor, "GPU": syn.num_gpus_per_actor}, "Translator actors"),
+                       ({"CPU": syn.cpus_per_actor, "GPU": syn.num_gpus_per_actor, **syn.actor_resources},
+                        "Translator actors"),
                        ({"CPU": syn.cpus_per_actor, "GPU": syn.clip_num_gpus}, "ClipScorer actors")])
 
 
@@ -231,6 +233,24 @@ def ensure_ray(config: ExperimentConfig) -> None:
     local one that fits the stream; a cluster that can never hold the stream is an error (engine.ray_local)."""
     check_local_gpus(config)
     ray_local.ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    check_actor_resources(config)
+
+
+def check_actor_resources(config: ExperimentConfig) -> None:
+    """Translators asking for a custom resource (synthesis.actor_resources) the cluster lacks would wait for
+    ever: fail now, naming the key, unless cluster.wait_for_nodes says nodes are coming."""
+    import ray
+
+    syn = config.synthesis
+    if not syn.actor_resources or config.cluster.wait_for_nodes:
+        return
+    have = ray.cluster_resources()
+    short = {k: v * syn.min_actors for k, v in syn.actor_resources.items() if have.get(k, 0.0) < v * syn.min_actors}
+    if short:
+        raise SynthesisError(
+            f"synthesis.actor_resources x synthesis.min_actors needs {short} but the cluster has "
+            f"{ {k: have.get(k, 0.0) for k in short} }: start nodes with `ray start --resources=...`, lower "
+            "synthesis.min_actors, or set cluster.wait_for_nodes=true if nodes are coming")
 
 
 class Progress:
@@ -272,20 +292,20 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
     syn = job.config.synthesis
     size = syn.resolution
     gen = is_gen(syn.strategy)
-    train_ref = None if gen else ray.put(job.dataset.train.select(["id", "image"]))
+    train_ref = None if gen else ray.put(reference_table(job.dataset))  # ids + URIs on storage: no bytes
     blocks = [stream_row(s, e, job.plan.slice(s, e - s)) for s, e in windows]
     params = TranslateParams(syn.num_inference_steps, syn.guidance_scale, size, syn.batch_size, syn.sampler)
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(load_references, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
-                        fn_kwargs={"train": [train_ref], "resolution": size})
+                        fn_kwargs={"train": [train_ref], "resolution": size, "storage": job.storage})
     ds = ds.map_batches(
         Translator, batch_size=1, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=syn.min_actors, max_size=syn.max_actors),
-        num_gpus=syn.num_gpus_per_actor, num_cpus=syn.cpus_per_actor,
+        num_gpus=syn.num_gpus_per_actor, num_cpus=syn.cpus_per_actor, resources=syn.actor_resources or None,
         fn_constructor_kwargs={"model": job.base, "storage": job.storage, "params": params,
                                "adapter_uri": job.adapter.uri if job.adapter else None,
                                "cpu_threads": syn.cpu_threads, "fail_after": syn.fail_actor_after,
-                               "fail_marker": fail_marker})
+                               "fail_marker": fail_marker, "speed": SpeedOptions.from_config(syn.speed)})
     ds = ds.map_batches(
         ClipScorer, batch_size=1, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=syn.clip_actors),
@@ -372,13 +392,14 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTim
         "strategy": syn.strategy,
         "strengths": list(job.spec.effective_strengths),
         "multiplier": syn.multiplier,
-        "num_train": int(job.dataset.train.num_rows),
+        "num_train": int(job.dataset.train_rows.num_rows),
         "class_names": list(job.dataset.class_names),
         "metaclass": job.dataset.metaclass,
         "resolution": syn.resolution,
         "config": manifest_config(job.config),
         "sampler": job.spec.identity["sampler"],
         "model_settings": job.model_settings,
+        "speed": speed_record(syn),
         "versions": versions(),
         "counts": {"planned": job.total, "rows": int(len(indices)), "files": len(files), "kept": kept,
                    "dropped": int(len(indices)) - kept, "skipped_references": len(job.skipped),
@@ -452,7 +473,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     job = prepare(config, dataset)
     syn = config.synthesis
     plan_doc = {"plan_hash": job.plan_hash, "plan": job.spec.to_dict(), "num_rows": job.total,
-                "num_train": int(job.dataset.train.num_rows)}
+                "num_train": int(job.dataset.train_rows.num_rows)}
     claim_output(job.storage, job.output, job.plan_hash, plan_doc, syn.overwrite)
     committed = read_committed(job.storage, job.output)
     done = check_exactly_once(committed, job.total)

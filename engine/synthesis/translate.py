@@ -8,12 +8,18 @@ Within a window, rows are grouped by strength (first appearance order) and each 
 sub-batches of `batch_size` rows: one pipeline call per sub-batch with a list of prompts and one
 `torch.Generator` per row, seeded from the row's seed on the CPU, so a row's noise does not depend on
 its batch neighbours or the device. `num_inference_steps=T, strength=s` runs `int(T*s)` UNet steps.
+With `pad_last_batch` a group's last short sub-batch is padded to `batch_size` rows (copies of its last
+row, generated and discarded) so every call has one shape, as compiled graphs and CUDA graphs want.
+
+Speed options (`synthesis.speed`, engine.synthesis.speed) are applied once in the actor after loading;
+with a compiled UNet the actor runs one warm-up batch in `__init__` and logs its start-up times.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -22,6 +28,7 @@ import pyarrow as pa
 from engine.models.base import ModelRef  # noqa: F401  (re-exported: actors take it)
 from engine.models.sampler import PAPER_SAMPLER, set_sampler
 from engine.storage import Storage, redact
+from engine.synthesis.speed import SpeedOptions, apply as apply_speed, resolve as resolve_speed
 from engine.synthesis.windows import column_to_pixels, map_windows, pixels_to_column
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ class TranslateParams:
     resolution: int
     batch_size: int
     sampler: str = PAPER_SAMPLER
+    pad_last_batch: bool = False
 
 
 def sub_batches(strengths: Sequence[float], has_ref: Sequence[bool], batch_size: int) -> list[np.ndarray]:
@@ -91,8 +99,9 @@ def generators(seeds: Sequence[int]) -> "list[torch.Generator]":
 class Pipelines:
     """The img2img pipeline plus a text-to-image view over the same modules (for *-gen rows)."""
 
-    def __init__(self, img2img: Any) -> None:
+    def __init__(self, img2img: Any, speed: dict[str, Any] | None = None) -> None:
         self.img2img = img2img
+        self.speed = speed or {}  # the applied speed options (engine.synthesis.speed.Effective.record)
         self._txt2img: Any = None
 
     @property
@@ -120,24 +129,45 @@ def translate_rows(pipes: Pipelines, rows: pa.Table, ref_pixels: np.ndarray | No
     prompts = rows.column("prompt").to_pylist()
     has_ref = [ref_pixels is not None] * n
     for chunk in sub_batches(strengths, has_ref, params.batch_size):
-        gens = generators([seeds[i] for i in chunk])
-        common = dict(prompt=[prompts[i] for i in chunk], num_inference_steps=params.num_inference_steps,
+        rows_in = padded(chunk, params.batch_size) if params.pad_last_batch else chunk
+        gens = generators([seeds[i] for i in rows_in])
+        common = dict(prompt=[prompts[i] for i in rows_in], num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, generator=gens, output_type="pt")
         with torch.inference_mode():
             if ref_pixels is None:
                 result = pipes.txt2img(height=size, width=size, **common)
             else:
-                latents = encode_references(pipes.img2img, ref_pixels[chunk], gens)
+                latents = encode_references(pipes.img2img, ref_pixels[rows_in], gens)
                 result = pipes.img2img(image=latents, strength=float(strengths[chunk[0]]), **common)
-            out[chunk] = tensor_to_uint8(result.images)
+            out[chunk] = tensor_to_uint8(result.images[: len(chunk)])
     return out
+
+
+def padded(chunk: np.ndarray, batch_size: int) -> np.ndarray:
+    """`chunk` filled up to `batch_size` rows with copies of its last row (their images are discarded)."""
+    return np.concatenate([chunk, np.repeat(chunk[-1:], max(batch_size - len(chunk), 0))])
+
+
+def warm_up(pipes: Pipelines, params: TranslateParams) -> float:
+    """One full batch through the img2img path (encoder, UNet with guidance, decoder) at the fewest steps:
+    compiles every graph a strength run uses. Returns its seconds."""
+    import pyarrow as pa
+
+    n = params.batch_size
+    strength = min(1.0, 1.5 / params.num_inference_steps)  # int(T * s) == 1 denoising step
+    rows = pa.table({"strength": [strength] * n, "seed": list(range(n)), "prompt": [""] * n})
+    refs = np.zeros((n, params.resolution, params.resolution, 3), dtype=np.uint8)
+    t = time.perf_counter()
+    translate_rows(pipes, rows, refs, params)
+    return time.perf_counter() - t
 
 
 def load_pipelines(model: ModelRef, storage: Storage, adapter_uri: str | None = None,
                    device: "str | torch.device | None" = None, cpu_threads: int | None = None,
-                   sampler: str = PAPER_SAMPLER) -> Pipelines:
-    """Resolve the base model on this node, load it (CUDA fp16 / CPU fp32), apply the adapter if any, and
-    sample with `sampler` (the paper's DPM-Solver++ unless told otherwise; never the folder's by accident)."""
+                   sampler: str = PAPER_SAMPLER, speed: SpeedOptions | None = None) -> Pipelines:
+    """Resolve the base model on this node, load it (CUDA fp16 / CPU fp32), apply the adapter if any,
+    sample with `sampler` (the paper's DPM-Solver++ unless told otherwise; never the folder's by accident)
+    and apply the speed options last (fused projections must see the adapter's fused weights)."""
     import torch
 
     from engine.models import load_img2img_pipeline, pick_device_dtype
@@ -152,16 +182,26 @@ def load_pipelines(model: ModelRef, storage: Storage, adapter_uri: str | None = 
         info = load_adapter(pipe, adapter_uri, storage, fuse=True)
         log.info("translator uses adapter %s (%s)", redact(adapter_uri), info.strategy)
     set_sampler(pipe, sampler)
-    return Pipelines(pipe)
+    effective = resolve_speed(speed or SpeedOptions(), dev.type)
+    return Pipelines(pipe, apply_speed(pipe, effective, model.cache_dir))
 
 
 class Translator:
     """Ray Data actor: one pipeline per actor, one window in, the same window with `pixels` out."""
 
     def __init__(self, model: ModelRef, storage: Storage, params: TranslateParams, adapter_uri: str | None = None,
-                 cpu_threads: int | None = None, fail_after: int | None = None, fail_marker: str | None = None) -> None:
+                 cpu_threads: int | None = None, fail_after: int | None = None, fail_marker: str | None = None,
+                 speed: SpeedOptions | None = None) -> None:
+        t0 = time.perf_counter()
+        self.pipes = load_pipelines(model, storage, adapter_uri, cpu_threads=cpu_threads, sampler=params.sampler,
+                                    speed=speed)
+        self.load_s = time.perf_counter() - t0
+        if self.pipes.speed.get("pad_last_batch"):
+            params = replace(params, pad_last_batch=True)
         self.params = params
-        self.pipes = load_pipelines(model, storage, adapter_uri, cpu_threads=cpu_threads, sampler=params.sampler)
+        self.warmup_s = warm_up(self.pipes, params) if self.pipes.speed.get("compile", "off") != "off" else 0.0
+        log.info("translator start-up: model load + speed options %.1f s, warm-up %.1f s (compile %s)",
+                 self.load_s, self.warmup_s, self.pipes.speed.get("compile", "off"))
         self.fail_after = fail_after
         self.fail_marker = fail_marker
         self.calls = 0

@@ -19,9 +19,10 @@ def write_synthetic_set(uri: str, storage: Storage, class_names: Sequence[str], 
                         labels: Sequence[int], num_rows: int, strengths: Sequence[float] = (0.5, 0.7, 0.9),
                         strategy: str = "diff-mix", rows_per_file: int = 64, num_train: int | None = None,
                         clip_threshold: float | None = None, seed: int = 0, run_length: int = 8,
-                        ) -> dict:
+                        row_group_bytes: int | None = None) -> dict:
     """Rows 0..num_rows-1 in plan order; strengths in runs of `run_length`; returns the manifest.
 
+    `row_group_bytes` sets the files' row-group size as the sink's does (default: the sink's).
     The image of a row is a real image of its target class (when one exists), the reference one of
     another class; `clip_score` is uniform in [0, 1), so `clip_threshold` filters a known fraction.
     """
@@ -50,7 +51,9 @@ def write_synthetic_set(uri: str, storage: Storage, class_names: Sequence[str], 
     for start in range(0, num_rows, rows_per_file):
         end = min(start + rows_per_file, num_rows)
         name = part_name(start, end)
-        storage.write_bytes(join(uri, name), encode_table(table.slice(start, end - start), class_names))
+        storage.write_bytes(join(uri, name), encode_table(table.slice(start, end - start), class_names,
+                                                                  **({} if row_group_bytes is None else
+                                                                     {"row_group_bytes": row_group_bytes})))
         files.append({"name": name, "rows": end - start})
     manifest = {
         "class_names": list(class_names),

@@ -21,7 +21,7 @@ def _sweep(tmp_path: Path, tiny_cache: Path, name: str, *extra: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: a local instance
     args = [sys.executable, "-m", "engine.cli", "sweep", "--config", "examples/demo.yaml",
             f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "synthesis.strategy=real-mix", "metrics.enabled=false",
-            "synthesis.multiplier=0.5", "synthesis.num_inference_steps=5", "classify.epochs=2",
+            "synthesis.multiplier=0.5", "synthesis.num_inference_steps=5", "classify.epochs=1",
             "classify.eval_every=1", "sweep.include_baseline=false", *extra]
 
     def two_cpus() -> None:
