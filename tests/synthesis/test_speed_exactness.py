@@ -67,6 +67,27 @@ def test_exact_options_match_eager_within_the_stated_tolerance(sd, eager, scorer
     assert ex.clip_order_same and ex.within_tolerance
 
 
+def test_fused_projections_keep_a_fine_tuned_adapter(sd, eager, scorer, tmp_path):
+    """fuse_qkv concatenates the attention projections' *base* weights: the Translator merges the adapter's LoRA
+    into them first (load_adapter(fuse=True)); loaded unmerged, the fused projections would drop the fine-tuned
+    q/k/v deltas without a word. The adapter's images must differ clearly from the base model's (so this
+    comparison can fail) and fused must match unfused within the tolerance."""
+    from engine.testing.adapter import write_random_adapter
+
+    folder = str(tmp_path / "adapter")
+    write_random_adapter(sd.resolve(), folder, ["zero", "one", "two"], "digit", strategy="db")
+    table, refs = plan_rows()
+
+    def with_adapter(options: SpeedOptions) -> np.ndarray:
+        t = Translator(sd, Storage(), TranslateParams(STEPS, 7.5, SIZE, 2), adapter_uri=folder, speed=options)
+        return translate_rows(t.pipes, table, refs, t.params)
+
+    unfused, fused = with_adapter(SpeedOptions()), with_adapter(SpeedOptions(fuse_qkv=True))
+    assert not compare(eager, unfused).within_tolerance  # the adapter changes the images
+    ex = compare(unfused, fused, scorer(unfused, 8), scorer(fused, 8))
+    assert ex.within_tolerance, ex.brief()
+
+
 def test_compile_artifacts_are_cached_under_the_model_cache(tiny_cache, monkeypatch):
     """torch.compile itself is not run here: a cold Inductor build of the tiny UNet + VAE takes minutes on
     this 2-core box (its exactness is printed by `python -m engine.bench.synthesis_gpu --device cpu --tiny`).
