@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
 
+def custom_resources(v: dict[str, float], own_keys: str) -> dict[str, float]:
+    """Custom Ray resources (a node type's slot, an accelerator label): Ray's built-in ones have their own keys."""
+    for name, amount in v.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource: use {own_keys}")
+        if amount <= 0:
+            raise ValueError(f"resource {name!r} must be > 0, got {amount}")
+    return v
+
+
+WORKER_RESOURCES_HELP = ("Custom Ray resources each Train worker asks for, e.g. {spot_gpu: 1} to place workers "
+                         "only on nodes started with that resource (a lost node's workers restart on another)")
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are re-validated."""
 
@@ -143,6 +157,7 @@ class PretrainConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool | None = None
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=WORKER_RESOURCES_HELP)
     checkpoint_every: int = Field(default=500, ge=1)
     log_every: int = Field(default=50, ge=1)
     max_failures: int = Field(default=1, ge=0)
@@ -150,6 +165,11 @@ class PretrainConfig(Section):
     eval_per_class: int = Field(default=10, ge=0, description="diff-gen samples per class for the quality check")
     eval_steps: int = Field(default=25, ge=1)
     eval_guidance: float = Field(default=3.0, ge=1)
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v, "cpus_per_worker / use_gpu")
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "PretrainConfig":
@@ -173,6 +193,7 @@ class FinetuneConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=WORKER_RESOURCES_HELP)
     mixed_precision: Literal["fp16", "bf16", "no"] = "fp16"
     class_balanced: bool = False
     checkpoint_every: int = Field(default=500, ge=1)
@@ -188,6 +209,11 @@ class FinetuneConfig(Section):
     rows_per_task: int = Field(default=64, ge=1, description="Images per Ray Data decode task (whole batches)")
     inline_rows: int = Field(default=256, ge=0, description="Epochs of at most this many rows per worker are decoded "
                              "in the train worker (a Ray Data stream's start-up costs more); 0: always stream")
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v, "cpus_per_worker / use_gpu")
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "FinetuneConfig":
@@ -289,12 +315,7 @@ class SynthesisConfig(Section):
     @field_validator("actor_resources")
     @classmethod
     def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise ValueError(f"{name!r} is not a custom resource: use cpus_per_actor / num_gpus_per_actor")
-            if amount <= 0:
-                raise ValueError(f"resource {name!r} must be > 0, got {amount}")
-        return v
+        return custom_resources(v, "cpus_per_actor / num_gpus_per_actor")
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> "SynthesisConfig":
@@ -346,6 +367,7 @@ class ClassifyConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool | None = None
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=WORKER_RESOURCES_HELP)
     many_shot_threshold: int = Field(default=100, ge=1, description="Long-tail: classes with more train images are 'many'")
     few_shot_threshold: int = Field(default=20, ge=1, description="Long-tail: classes with fewer train images are 'few'")
     checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints")
@@ -362,6 +384,11 @@ class ClassifyConfig(Section):
     inline_rows: int = Field(default=256, ge=0, description="Epochs/evals of at most this many rows per worker are "
                              "decoded in the train worker (a Ray Data stream's start-up costs more); 0: always stream")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in the run folder")
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v, "cpus_per_worker / use_gpu")
 
     @field_validator("strengths")
     @classmethod

@@ -48,7 +48,7 @@ ARTIFACT_SUBDIR = "artifact"  # in the final checkpoint: what the step model sav
 # FinetuneConfig fields that change how a run executes, not what it produces: not part of the run key.
 OPERATIONAL_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every",
                       "max_failures", "output", "fail_at_step", "keep_checkpoints", "data_cpus", "rows_per_task",
-                      "inline_rows"}
+                      "inline_rows", "worker_resources"}
 
 
 class FinetuneError(ValueError):
@@ -329,7 +329,8 @@ def artifact_uri(config: ExperimentConfig) -> str:
 def resource_needs(config: ExperimentConfig) -> Needs:
     """The Train workers and one decode task: what fine-tuning holds at once."""
     ft = config.finetune
-    return train_needs("finetune", ft.num_workers, ft.cpus_per_worker, ft.use_gpu, ft.data_cpus)
+    return train_needs("finetune", ft.num_workers, ft.cpus_per_worker, ft.use_gpu, ft.data_cpus,
+                       worker_resources=ft.worker_resources)
 
 
 def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
@@ -457,7 +458,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                                    failure_marker=join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"))
     trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,
                            num_workers=ft.num_workers, gpu=use_gpu, cpus_per_worker=ft.cpus_per_worker,
-                           max_failures=ft.max_failures, keep_checkpoints=ft.keep_checkpoints)
+                           max_failures=ft.max_failures, keep_checkpoints=ft.keep_checkpoints,
+                           worker_resources=ft.worker_resources)
     log.info("finetune %s: %s on %d classes, %d steps, batch %d over %d %s worker(s); checkpoints in %s",
              key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
              "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 PRETRAIN_JSON = "pretrain.json"
 # PretrainConfig fields that change how the run executes or is checked, not the weights it produces.
 OPERATIONAL_FIELDS = {"output", "num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every",
-                      "max_failures", "keep_checkpoints", "eval_per_class", "eval_steps", "eval_guidance"}
+                      "max_failures", "keep_checkpoints", "eval_per_class", "eval_steps", "eval_guidance",
+                      "worker_resources"}
 
 
 class PretrainError(ValueError):
@@ -65,7 +66,8 @@ def output_uri(config: ExperimentConfig) -> str:
 def resource_needs(config: ExperimentConfig) -> Needs:
     """The Train workers (the split is decoded once into the object store: no decode tasks)."""
     pt = config.pretrain
-    return train_needs("pretrain", pt.num_workers, pt.cpus_per_worker, pt.use_gpu)
+    return train_needs("pretrain", pt.num_workers, pt.cpus_per_worker, pt.use_gpu,
+                       worker_resources=pt.worker_resources)
 
 
 def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
@@ -126,7 +128,7 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     trainer = make_trainer(train_loop, loop_config, name=name, uri=join(work, "ray"), storage=storage,
                            num_workers=pt.num_workers, gpu=use_gpu, cpus_per_worker=pt.cpus_per_worker,
                            max_failures=pt.max_failures, keep_checkpoints=pt.keep_checkpoints,
-                           datasets=None)
+                           worker_resources=pt.worker_resources, datasets=None)
     log.info("pretrain %s phase %s: %d steps, batch %d over %d %s worker(s)", key, phase, steps, pt.batch_size,
              pt.num_workers, "GPU" if use_gpu else "CPU")
     result = fit_watched(trainer, f"pretrain ({phase})", config.cluster,

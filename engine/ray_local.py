@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,14 @@ class Needs:
     gpu: float = 0.0
     what: str = "the job"
     keys: str = ""
+    custom: dict[str, float] = field(default_factory=dict)  # custom Ray resources (e.g. a node type's slot)
 
     def __str__(self) -> str:
-        return f"{self.cpu:g} CPU" + (f" + {self.gpu:g} GPU" if self.gpu else "")
+        return " + ".join([f"{self.cpu:g} CPU"] + ([f"{self.gpu:g} GPU"] if self.gpu else [])
+                          + [f"{v:g} {k}" for k, v in sorted(self.custom.items())])
 
     def resources(self) -> dict[str, float]:
-        return {"CPU": self.cpu, "GPU": self.gpu}
+        return {"CPU": self.cpu, "GPU": self.gpu, **self.custom}
 
     @staticmethod
     def largest(*needs: "Needs", what: str = "the job") -> "Needs":
@@ -48,7 +50,11 @@ class Needs:
         cpu = max(needs, key=lambda n: n.cpu)
         gpu = max(needs, key=lambda n: n.gpu)
         keys = cpu.keys if cpu is gpu else f"{cpu.keys}; {gpu.keys}"
-        return Needs(cpu.cpu, gpu.gpu, what, keys)
+        custom: dict[str, float] = {}
+        for n in needs:
+            for k, v in n.custom.items():
+                custom[k] = max(custom.get(k, 0.0), v)
+        return Needs(cpu.cpu, gpu.gpu, what, keys, custom)
 
 
 def local_cpus() -> int:
@@ -127,9 +133,9 @@ def check_fits(needs: Needs, wait_for_nodes: bool = False) -> None:
     else:
         if wait_for_nodes:
             log.warning("%s needs %s at once; the cluster has %s now: waiting for nodes (cluster.wait_for_nodes)",
-                        needs.what, needs, _fmt(have))
+                        needs.what, needs, _fmt(have, needs.custom))
             return
-        where = f"has {_fmt(have)} and no autoscaler"
+        where = f"has {_fmt(have, needs.custom)} and no autoscaler"
     if short:
         raise ResourceError(
             f"{needs.what} needs {needs} at once but this Ray cluster {where}: its requests would wait forever. "
@@ -138,5 +144,5 @@ def check_fits(needs: Needs, wait_for_nodes: bool = False) -> None:
         )
 
 
-def _fmt(resources: dict[str, float]) -> str:
-    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))
+def _fmt(resources: dict[str, float], custom: Iterable[str] = ()) -> str:
+    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in ("CPU", "GPU", *sorted(custom)))

@@ -38,8 +38,9 @@ def train_storage(uri: str, storage: Storage) -> tuple[str, Any]:
 def make_trainer(train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, name: str,
                  uri: str, storage: Storage, num_workers: int, gpu: bool, cpus_per_worker: float,
                  max_failures: int, keep_checkpoints: int, datasets: dict[str, Any] | None = None,
-                 callbacks: Sequence[Any] = ()) -> Any:
-    """A `TorchTrainer` checkpointing under `uri`/`name`, restarting failed worker groups from the last one."""
+                 callbacks: Sequence[Any] = (), worker_resources: dict[str, float] | None = None) -> Any:
+    """A `TorchTrainer` checkpointing under `uri`/`name`, restarting failed worker groups from the last one
+    (on any node with the workers' resources: a lost node's workers come back elsewhere)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -48,7 +49,8 @@ def make_trainer(train_loop: Callable[[dict[str, Any]], None], loop_config: dict
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus_per_worker,
+                                                                     **(worker_resources or {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
@@ -59,11 +61,16 @@ def make_trainer(train_loop: Callable[[dict[str, Any]], None], loop_config: dict
 
 
 def train_needs(section: str, num_workers: int, cpus_per_worker: float, use_gpu: bool | None,
-                data_cpus: float = 0.0, what: str | None = None) -> Needs:
-    """What a TorchTrainer holds at once: its workers (a GPU each when `use_gpu` is true) and one decode task."""
+                data_cpus: float = 0.0, what: str | None = None,
+                worker_resources: dict[str, float] | None = None) -> Needs:
+    """What a TorchTrainer holds at once: its workers (a GPU each when `use_gpu` is true, and their
+    `worker_resources`) and one decode task."""
     keys = f"{section}.num_workers x {section}.cpus_per_worker" + (f" + {section}.data_cpus" if data_cpus else "")
+    if worker_resources:
+        keys += f"; {section}.num_workers x {section}.worker_resources"
     return Needs(cpu=num_workers * cpus_per_worker + data_cpus, gpu=float(num_workers) if use_gpu else 0.0,
-                 what=what or section, keys=keys)
+                 what=what or section, keys=keys,
+                 custom={k: num_workers * v for k, v in (worker_resources or {}).items()})
 
 
 def train_labels(section: str, cpus_per_worker: float, gpu: bool, data_cpus: float | None = None) -> dict:

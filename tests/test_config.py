@@ -45,6 +45,11 @@ def test_no_path_gives_defaults():
         (["dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=0.5"], "dataset.subset.imbalance_factor"),
         (["model.resolution=4"], "model.resolution"),
         (["run.name=a/b"], "run.name"),
+        (["classify.worker_resources={CPU: 2}"], "classify.worker_resources: 'CPU' is not a custom "
+                                                 "resource: use cpus_per_worker / use_gpu"),
+        (["finetune.worker_resources={gpu_slot: 0}"], "finetune.worker_resources: resource 'gpu_slot' "
+                                                      "must be > 0"),
+        (["synthesis.actor_resources={GPU: 1}"], "use cpus_per_actor / num_gpus_per_actor"),
     ],
 )
 def test_bad_values_name_the_key(overrides, named):

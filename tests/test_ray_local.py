@@ -54,6 +54,26 @@ def test_stages_refuse_a_cluster_they_cannot_fit_before_streaming(ray_session, t
         classify_run(load_config(None, common + ["classify.num_workers=8", "classify.p=0"]))
 
 
+def test_train_workers_asking_for_a_resource_no_node_has_fail_before_training(ray_session, tmp_path, tiny_cache):
+    """`<stage>.worker_resources` (a node type's custom resource) counts in the fit check: on the head alone
+    (no `gpu_slot`) classify and finetune fail at once, naming the key, instead of queueing workers forever."""
+    from engine.classify.train import run as classify_run
+    from engine.finetune import run as finetune
+
+    common = [f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "model.resolution=32",
+              "dataset.subset.kind=few_shot", "dataset.subset.shots=2", "finetune.resolution=32",
+              "finetune.batch_size=4", "finetune.cpus_per_worker=0.5", "classify.cpus_per_worker=0.5"]
+    with pytest.raises(ResourceError, match=r"classify needs .*2 gpu_slot.*classify\.num_workers x "
+                                            r"classify\.worker_resources"):
+        classify_run(load_config(None, common + ["classify.num_workers=2", "classify.p=0",
+                                                 "classify.worker_resources={gpu_slot: 1}"]))
+    with pytest.raises(ResourceError, match=r"finetune needs .*1 gpu_slot.*finetune\.worker_resources"):
+        finetune(load_config(None, common + ["finetune.worker_resources={gpu_slot: 1}"]))
+    assert not (tmp_path / "run" / "classify").exists() and not (tmp_path / "run" / "adapter").exists()
+    both = Needs.largest(Needs(1.0, custom={"gpu_slot": 2.0}), Needs(2.0, custom={"gpu_slot": 1.0, "x": 1.0}))
+    assert both.custom == {"gpu_slot": 2.0, "x": 1.0} and str(both) == "2 CPU + 2 gpu_slot + 1 x"
+
+
 def test_local_train_poll_keeps_a_users_value(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
     local_train_env()

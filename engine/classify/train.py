@@ -69,7 +69,8 @@ class Inputs:
 def resource_needs(config: ExperimentConfig) -> Needs:
     """The Train workers and one decode task (epochs and evals above `classify.inline_rows` stream)."""
     cfg = config.classify
-    return train_needs("classify", cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.data_cpus)
+    return train_needs("classify", cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.data_cpus,
+                       worker_resources=cfg.worker_resources)
 
 
 def classifier_seed(config: ExperimentConfig) -> int:
@@ -146,7 +147,8 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
     trainer = make_trainer(train_loop, loop_config, name="train", uri=output, storage=storage,
                            num_workers=cfg.num_workers, gpu=gpu,
                            cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
-                           keep_checkpoints=cfg.keep_checkpoints, callbacks=list(callbacks or []))
+                           keep_checkpoints=cfg.keep_checkpoints,
+                           worker_resources=cfg.worker_resources, callbacks=list(callbacks or []))
     log.info("classify: %s @%dpx, %d epochs, p=%s gamma=%s, %d train rows, %d synthetic rows selected -> %s",
              cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
              redact(output))

@@ -47,7 +47,8 @@ def sweep_needs(config: ExperimentConfig, trials: int = 1) -> Needs:
     the cluster is short); a local instance is sized for sweep.max_concurrent_trials."""
     one = resource_needs(config)
     return Needs(cpu=trials * (config.sweep.trial_cpus + one.cpu), gpu=trials * one.gpu, what="sweep",
-                 keys=f"sweep.max_concurrent_trials x (sweep.trial_cpus + {one.keys})")
+                 keys=f"sweep.max_concurrent_trials x (sweep.trial_cpus + {one.keys})",
+                 custom={k: trials * v for k, v in one.custom.items()})
 
 
 def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
