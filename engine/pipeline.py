@@ -78,8 +78,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     storage = Storage.from_config(config)
     summary: dict[str, Any] = {"run": redact(config.run.uri), "config_hash": config.hash()}
     diff = config.synthesis.strategy.startswith("diff-")
-    log_estimate(config)  # what `diffmix plan` prints: rows, UNet evaluations, GPU-hours, cost, bytes
     start_ray_for(config, (["finetune"] if diff else []) + ["synthesize", "classify"], "pipeline")
+    # what `diffmix plan` prints (rows, UNet evaluations, GPU-hours, cost, bytes); after Ray is up, so the
+    # dataset count it needs reads and checks images in Ray tasks, not in the driver
+    log_estimate(config)
     if diff:
         summary["finetune"] = run_stage("finetune", config)
         if config.synthesis.adapter is None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.storage import Storage, join, redact
+from engine.storage import Storage, StorageError, join, redact
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -147,7 +147,7 @@ def read_footer(fh: Any) -> pq.FileMetaData:
     fh.seek(-8, io.SEEK_END)
     tail = fh.read(8)
     if len(tail) != 8 or tail[4:] != _PARQUET_MAGIC:
-        raise ShardError("not a Parquet file (no PAR1 footer)")
+        raise pa.ArrowInvalid("not a Parquet file (no PAR1 footer)")  # the callers name the file
     length = int.from_bytes(tail[:4], "little")
     fh.seek(-(8 + length), io.SEEK_END)
     footer = fh.read(length)
@@ -174,6 +174,8 @@ def read_rows(file: str, storage: Storage, wanted: np.ndarray) -> pa.Table:
     with storage.open_input(file) as fh:
         try:
             meta = read_footer(fh)
+        except StorageError:
+            raise  # unreachable or stalled storage: its own error (and exit code), naming the URI
         except (OSError, pa.ArrowInvalid) as exc:
             raise ShardError(f"cannot read shard {redact(file)}: {exc}") from exc
         pf = pq.ParquetFile(fh, metadata=meta, pre_buffer=True)
@@ -237,10 +239,15 @@ class SyntheticSet:
 
     def _read(self, uri: str, columns: list[str] | None) -> pa.Table:
         """Whole rows, or just `columns` through ranged reads (the metadata scan never fetches image bytes)."""
-        if columns is None:
-            return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)))
-        with self.storage.open_input(uri) as fh:
-            return pq.ParquetFile(fh, metadata=read_footer(fh), pre_buffer=True).read(columns=columns)
+        try:
+            if columns is None:
+                return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)))
+            with self.storage.open_input(uri) as fh:
+                return pq.ParquetFile(fh, metadata=read_footer(fh), pre_buffer=True).read(columns=columns)
+        except StorageError:
+            raise  # unreachable or stalled storage: its own error (and exit code), naming the URI
+        except (OSError, pa.ArrowInvalid) as exc:  # a missing, truncated or corrupt file
+            raise ShardError(f"cannot read shard {redact(uri)}: {exc}") from exc
 
     def read(self, strengths: Iterable[float] | None = None, multiplier: float | None = None,
              filtered: bool = True, with_images: bool = False, with_file: bool = False) -> pa.Table:

@@ -135,3 +135,23 @@ def test_row_subset_reads_on_s3(s3_server, s3_bucket):
     assert rows.num_rows > 10 and len(files) >= 5
     assert rows.equals(whole_file_rows(files, storage, np.unique(rows.column("index").to_numpy())))
     assert fetched < 1.5 * rows.num_rows * row_bytes
+
+
+def test_a_corrupt_or_truncated_shard_is_named_by_both_readers(tmp_path):
+    """The metadata scan (SyntheticSet.read) and the row reader (read_shards) name a damaged file in a
+    ShardError; storage failures stay StorageErrors (their own exit code), not shard errors."""
+    import pytest
+
+    from engine.data.shards import ShardError
+
+    storage = Storage()
+    uri = str(tmp_path / "set")
+    write_set(uri, storage, rows=32, rows_per_file=16, side=16)
+    files = SyntheticSet.open(uri, storage).files()
+    data = open(files[1], "rb").read()
+    for damaged in (data[: len(data) // 2], data[:-12] + b"\0" * 8 + b"PAR1"):  # truncated; footer garbled
+        open(files[1], "wb").write(damaged)
+        with pytest.raises(ShardError, match=r"cannot read shard .*part-"):
+            SyntheticSet.open(uri, storage).read(filtered=False)
+        with pytest.raises(ShardError, match=r"cannot read shard .*part-"):
+            read_shards(files, storage, np.arange(32))
