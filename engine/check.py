@@ -32,8 +32,8 @@ def run(config: ExperimentConfig) -> dict:
         "dataset": ds.name,
         "metaclass": ds.metaclass,
         "classes": len(ds.class_names),
-        "train_images": int(ds.train.num_rows),
-        "test_images": int(ds.test.num_rows),
+        "train_images": int(ds.rows("train").num_rows),  # counts from the index: no image read into the driver
+        "test_images": int(ds.rows("test").num_rows),
         "train_per_class": {"min": int(counts.min()), "max": int(counts.max())},
         "skipped_bad_images": ds.skipped,
         "fingerprint": ds.fingerprint(),

@@ -339,8 +339,8 @@ def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
     if ds.num_classes < 2:
         raise FinetuneError(f"fine-tuning needs at least 2 classes; dataset {ds.name} has {ds.num_classes} "
                             f"({ds.class_names})")
-    if ds.train.num_rows < ft.batch_size:
-        raise FinetuneError(f"dataset {ds.name} has {ds.train.num_rows} train images, fewer than "
+    if ds.rows("train").num_rows < ft.batch_size:
+        raise FinetuneError(f"dataset {ds.name} has {ds.rows('train').num_rows} train images, fewer than "
                             f"finetune.batch_size={ft.batch_size}")
 
 
@@ -447,13 +447,11 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     spec = {"strategy": ft.strategy, "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "lora_rank": ft.lora_rank, "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay,
             "max_grad_norm": ft.max_grad_norm, "mixed_precision": ft.mixed_precision}
-    import ray
-
     loop_config = make_loop_config(config, spec, base_ref, steps=ft.steps, batch_size=ft.batch_size,
                                    num_workers=ft.num_workers, log_every=ft.log_every,
                                    checkpoint_every=ft.checkpoint_every, cpus_per_worker=ft.cpus_per_worker,
-                                   use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
-                                   num_classes=ds.num_classes, train=ray.put(ds.train.select(["image", "label"])),
+                                   use_gpu=use_gpu, labels=ds.rows("train").column("label").to_numpy(),
+                                   num_classes=ds.num_classes, train=ds.put("train", ["image", "label"]),
                                    fail_at_step=ft.fail_at_step, checkpoints=join(ray_uri, name),
                                    failure_marker=join(ray_uri, name, f"injected-failure-{ft.fail_at_step}"))
     trainer = make_trainer(train_loop, loop_config, name=name, uri=ray_uri, storage=storage,

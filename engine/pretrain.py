@@ -74,8 +74,8 @@ def validate_inputs(config: ExperimentConfig, ds: ImageDataset) -> None:
     pt = config.pretrain
     if ds.num_classes < 2:
         raise PretrainError(f"pre-training needs at least 2 classes; dataset {ds.name} has {ds.num_classes}")
-    if ds.train.num_rows < pt.batch_size:
-        raise PretrainError(f"dataset {ds.name} has {ds.train.num_rows} train images, fewer than "
+    if ds.rows("train").num_rows < pt.batch_size:
+        raise PretrainError(f"dataset {ds.name} has {ds.rows('train').num_rows} train images, fewer than "
                             f"pretrain.batch_size={pt.batch_size}")
     down = 2 ** (len(pt.vae_blocks) - 1) * 2 ** (len(pt.unet_blocks) - 1)
     if pt.resolution % down:
@@ -121,7 +121,7 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     loop_config = make_loop_config(config, spec, base, trainer="pretrain", steps=steps, batch_size=pt.batch_size,
                                    num_workers=pt.num_workers, log_every=pt.log_every,
                                    checkpoint_every=pt.checkpoint_every, cpus_per_worker=pt.cpus_per_worker,
-                                   use_gpu=use_gpu, labels=ds.train.column("label").to_numpy(),
+                                   use_gpu=use_gpu, labels=ds.rows("train").column("label").to_numpy(),
                                    num_classes=ds.num_classes, arrays=arrays,
                                    checkpoints=join(work, "ray", f"pt-{phase}-{key}"))
     name = f"pt-{phase}-{key}"
@@ -230,7 +230,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     if pt.eval_per_class:
         check = check_generation(local, ds.train, ds.class_names, ds.metaclass, pt.eval_per_class, pt.eval_steps,
                                  pt.eval_guidance, config.run.seed, pt.resolution).as_dict()
-    info = {"key": key, "dataset": ds.name, "dataset_fingerprint": fingerprint, "train_rows": ds.train.num_rows,
+    info = {"key": key, "dataset": ds.name, "dataset_fingerprint": fingerprint, "train_rows": ds.rows("train").num_rows,
             "class_names": list(ds.class_names), "metaclass": ds.metaclass,
             "pretrain": pt.model_dump(mode="json"), "seed": config.run.seed,
             "final_loss": history[-1][1] if history else None, "loss_history": history, "check": check,

@@ -34,7 +34,7 @@ from engine.classify.mixing import (
 )
 from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
-from engine.data.epochs import Block, ordered, put_blocks
+from engine.data.epochs import Block, ordered
 from engine.data.shards import ShardError, complete_sets
 from engine.ray_local import ensure_ray
 from engine.rates import rate
@@ -79,17 +79,19 @@ def classifier_seed(config: ExperimentConfig) -> int:
 
 
 def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_block: int | None = None) -> Inputs:
-    """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store.
+    """Shuffle the train rows once (so blocks mix classes) and put both splits in the object store (read
+    there by Ray tasks when the images are on storage: the driver handles ids and labels only).
 
     A block is one decode task's worth of real rows (`classify.rows_per_task` unless given)."""
     rows_per_block = rows_per_block or config.classify.rows_per_task
     rng = np.random.default_rng([classifier_seed(config), 0x7A1])
-    train = dataset.train.take(rng.permutation(dataset.train.num_rows))
-    groups = sorted({g for g in dataset.test.column("group").to_pylist() if g is not None})
+    order = rng.permutation(dataset.rows("train").num_rows)
+    train = dataset.index("train").take(order)
+    groups = sorted({g for g in dataset.index("test").column("group").to_pylist() if g is not None})
     return Inputs(
         class_names=list(dataset.class_names),
-        train_blocks=put_blocks(train, rows_per_block),
-        test_blocks=put_blocks(dataset.test, rows_per_block),
+        train_blocks=dataset.blocks("train", rows_per_block, order),
+        test_blocks=dataset.blocks("test", rows_per_block),
         num_train=train.num_rows,
         train_counts=[int(c) for c in dataset.class_counts("train")],
         group_ids=[int(g) for g in groups],

@@ -20,6 +20,8 @@ from engine.storage import Storage
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
+    from engine.data.epochs import Block
+
 log = logging.getLogger(__name__)
 
 ROW_SCHEMA = pa.schema(
@@ -170,6 +172,30 @@ class ImageDataset:
     def with_train(self, train: pa.Table, suffix: str) -> "ImageDataset":
         return ImageDataset(self.class_names, self.metaclass, train, self.test_rows, f"{self.name}/{suffix}",
                             self.skipped, dict(self.meta), self.storage)
+
+    def blocks(self, name: str, rows_per_block: int, order: np.ndarray | None = None) -> list["Block"]:
+        """The split (rows in `order`) as object-store blocks with a `pos` column, for training loops. On
+        storage, Ray tasks read the images into the object store: this process never holds the bytes."""
+        from engine.data.epochs import put_blocks, read_blocks
+
+        if not self.on_storage:
+            table = self.split(name)
+            return put_blocks(table if order is None else table.take(order), rows_per_block)
+        rows = self.rows(name) if order is None else self.rows(name).take(order)
+        assert self.storage is not None
+        return read_blocks(rows, self.storage, ROW_SCHEMA, rows_per_block)
+
+    def put(self, name: str, columns: list[str]) -> "ray.ObjectRef":
+        """The split's `columns` (ROW_SCHEMA names) as one object-store table. On storage a Ray task reads the
+        images, so this process never holds them."""
+        import ray
+
+        from engine.data.epochs import READ_TASK_CPUS, read_table
+
+        if not self.on_storage:
+            return ray.put(self.split(name).select(columns))
+        schema = pa.schema([ROW_SCHEMA.field(c) for c in columns])
+        return ray.remote(num_cpus=READ_TASK_CPUS)(read_table).remote(self.rows(name), self.storage, schema)
 
     def to_ray(self, split: str = "train") -> "ray.data.Dataset":
         """The split as a Ray Dataset (rows: id, image bytes, label, group); on storage, workers read the bytes."""

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from engine.storage import Storage
+
 # One object per worker process for tables put once by the driver (Ray reuses worker processes).
 _OBJECT_CACHE: dict[str, Any] = {}
 
@@ -92,6 +94,7 @@ def ordered() -> None:
 
 
 # --- blocks of rows in the object store --------------------------------------------------------
+READ_TASK_CPUS = 0.25  # a block read waits on storage (concurrent GETs), it barely uses a core
 @dataclass
 class Block:
     """Rows [start, end) of a table put in the object store, with a `pos` column."""
@@ -110,6 +113,33 @@ def put_blocks(table: pa.Table, rows_per_block: int) -> list[Block]:
     for start in range(0, table.num_rows, rows_per_block):
         end = min(start + rows_per_block, table.num_rows)
         blocks.append(Block(ray.put(table.slice(start, end - start)), start, end))
+    return blocks
+
+
+def read_table(rows: pa.Table, storage: Storage, schema: pa.Schema) -> pa.Table:
+    """Ray task: rows on storage (a `uri` column) as `schema`, with their image bytes read in."""
+    from engine.data.reads import attach_images
+
+    return attach_images(rows, storage).select(schema.names).cast(schema)
+
+
+def read_block(rows: pa.Table, storage: Storage, schema: pa.Schema, start: int) -> pa.Table:
+    """Ray task: `read_table`, plus `pos` from `start`."""
+    table = read_table(rows, storage, schema)
+    return table.append_column("pos", pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
+
+
+def read_blocks(rows: pa.Table, storage: Storage, schema: pa.Schema, rows_per_block: int) -> list[Block]:
+    """`put_blocks` for rows whose images are on storage: each block is read by a Ray task, so the bytes go
+    from storage into the object store without passing through this process. The blocks are the same
+    tables `put_blocks` makes of the rows with bytes; a lost block is rebuilt from its task (lineage)."""
+    import ray
+
+    task = ray.remote(num_cpus=READ_TASK_CPUS)(read_block)
+    blocks = []
+    for start in range(0, rows.num_rows, rows_per_block):
+        end = min(start + rows_per_block, rows.num_rows)
+        blocks.append(Block(task.remote(rows.slice(start, end - start), storage, schema, start), start, end))
     return blocks
 
 

@@ -87,29 +87,33 @@ def _relative(uri: str, root: str) -> str:
 
 
 # --- image folders ---------------------------------------------------------------------------
+LISTING_THREADS = 8  # class folders listed at once
 def _folder_listing(storage: Storage, root: str, class_names: list[str] | None,
                     ) -> tuple[list[str], list[str], list[str], list[int]]:
-    """(class names, ids, URIs, labels) of an image-folder tree, from a listing: names only, no reads."""
-    files = [f for f in storage.walk_files(root) if not _hidden(_relative(f, root))]
+    """(class names, ids, URIs, labels) of an image-folder tree, from a listing: names only, no reads.
+
+    Walked by class folder, LISTING_THREADS at a time: an object store's listing entries (a dict of metadata
+    per object) then exist for a few classes at once, not for the whole dataset (the driver's peak memory,
+    issue #13), and listing latency overlaps. Files at the top level are not images of any class (README, ...)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def files_of(name: str) -> list[str]:
+        return [f for f in storage.walk_files(join(root, name)) if not _hidden(_relative(f, root))]
+
+    names_found = [n for n in storage.list_dirs(root) if not _hidden(n)]
     by_class: dict[str, list[str]] = {}
     other = 0
-    for f in files:
-        rel = _relative(f, root)
-        if "/" not in rel:
-            continue  # files at the top level are not images of any class (README, etc.)
-        cls = rel.split("/", 1)[0]
-        by_class.setdefault(cls, [])
-        if f.lower().endswith(IMAGE_EXTENSIONS):
-            by_class[cls].append(f)
-        else:
-            other += 1
+    with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:
+        for name, files in zip(names_found, pool.map(files_of, names_found)):
+            images = by_class.setdefault(name, [])  # a class folder with no files still names a class
+            for f in files:
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    images.append(f)
+                else:
+                    other += 1
     if other:
         log.info("image folder %s: ignored %d file(s) without an image extension %s", redact(root), other,
                  "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-    # a class folder with no files at all does not show up in a file walk: look for folders too
-    for name in storage.list_dirs(root):
-        if not _hidden(name):
-            by_class.setdefault(name, [])
     names = class_names or sorted(by_class)
     unknown = sorted(set(by_class) - set(names))
     if unknown:

@@ -69,3 +69,29 @@ def test_bad_images_on_s3_are_all_named_in_one_error(ray_session, s3_server, s3_
     ds = load_dataset(cfg(f"{s3_bucket}/birds", "dataset.skip_bad_images=true"), storage)
     assert ds.skipped == 7 and ds.train_rows.num_rows + ds.test_rows.num_rows == 9
     assert not [u for u in driver_reads if u.endswith(".png")]
+
+
+def test_training_inputs_are_read_by_ray_tasks_not_the_driver(ray_session, tmp_path, driver_reads):
+    """classify's blocks and finetune's train table for an image folder are made by Ray tasks reading the
+    files (no image crosses this process), and hold what the bytes-in-the-driver path would have put."""
+    import ray
+
+    from engine.classify.train import prepare_inputs
+    from engine.data.dataset import ImageDataset
+
+    storage, root = Storage(), str(tmp_path / "birds")
+    files = birds()
+    upload_folder(storage, root, files)
+    config = cfg(root, f"run.output={tmp_path}")
+    ds = load_dataset(config, storage)
+    inputs = prepare_inputs(config, ds, rows_per_block=4)
+    train_ref = ds.put("train", ["image", "label"])
+    tables = ray.get([b.ref for b in inputs.train_blocks + inputs.test_blocks] + [train_ref])
+    assert not [u for u in driver_reads if u.endswith(".png")]
+
+    held = ImageDataset(ds.class_names, ds.metaclass, ds.train, ds.test, "held")   # bytes read here, after
+    expected = prepare_inputs(config, held, rows_per_block=4)
+    assert [(b.start, b.end) for b in inputs.train_blocks] == [(b.start, b.end) for b in expected.train_blocks]
+    want = ray.get([b.ref for b in expected.train_blocks + expected.test_blocks]) + [held.train.select(["image", "label"])]
+    assert len(tables) == len(want) and all(a.equals(b) for a, b in zip(tables, want))
+    assert inputs.train_labels == expected.train_labels and inputs.num_train == expected.num_train
