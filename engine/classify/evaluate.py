@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,9 @@ from engine.config import ExperimentConfig, validate
 from engine.data import ImageDataset, load_dataset
 from engine.ray_local import Needs, ensure_ray
 from engine.storage import Storage, join, redact
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +118,14 @@ class Predictor:
                 "label": batch.column("label").to_numpy().astype(np.int64), "group": np.asarray(groups, np.int64)}
 
 
-def eval_split(ds: ImageDataset, split: str) -> pa.Table:
-    return pa.concat_tables([ds.train, ds.test]) if split == "all" else ds.split(split)
+def eval_splits(split: str) -> list[str]:
+    return ["train", "test"] if split == "all" else [split]
+
+
+def eval_rows(ds: ImageDataset, split: str) -> "ray.data.Dataset":
+    """The rows to evaluate (id, image, label, group); for a dataset on storage, workers read the images."""
+    parts = [ds.to_ray(s) for s in eval_splits(split)]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def resource_needs(config: ExperimentConfig) -> Needs:
@@ -135,7 +144,6 @@ def evaluation_dataset(config: ExperimentConfig, storage: Storage) -> ImageDatas
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
     """Evaluate the configured classifier on `evaluate.dataset`; writes and returns the metrics."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     t0 = time.perf_counter()
@@ -144,10 +152,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     classifier = find_classifier(absolute(ev.classifier) if ev.classifier else output_uri(config), storage)
     ds = evaluation_dataset(config, storage)
     lookup = label_lookup(classifier.class_names, ds.class_names, ev.class_map)
-    table = eval_split(ds, ev.split)
-    group_ids = sorted({int(g) for g in table.column("group").to_pylist() if g is not None})
+    index = pa.concat_tables([ds.index(s).select(["id", "label", "group"]) for s in eval_splits(ev.split)])
+    group_ids = sorted({int(g) for g in index.column("group").to_pylist() if g is not None})
     ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
-    rows = ray.data.from_arrow(table.select(["id", "image", "label", "group"])).map_batches(
+    rows = eval_rows(ds, ev.split).map_batches(
         Predictor, batch_format="pyarrow", batch_size=ev.batch_size,
         compute=ActorPoolStrategy(min_size=1, max_size=ev.max_actors), num_cpus=ev.cpus_per_actor,
         num_gpus=ev.num_gpus_per_actor, fn_constructor_kwargs={"classifier": classifier, "storage": storage})
@@ -160,10 +168,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     out = ev.output or join(config.run.uri, "evaluate", config.hash("run", "dataset", "classify", "evaluate"))
     summary = {"classifier": redact(classifier.uri), "checkpoint": redact(classifier.checkpoint),
                "classifier_epoch": classifier.epoch, "dataset": ds.name, "split": ev.split,
-               "images": int(table.num_rows), "classes": len(ds.class_names), "groups": group_ids,
+               "images": int(index.num_rows), "classes": len(ds.class_names), "groups": group_ids,
                "class_map": bool(ev.class_map), "metrics": metrics, "elapsed_s": round(time.perf_counter() - t0, 2)}
     storage.write_text(join(out, "metrics.json"), json.dumps(summary, indent=2))
-    log.info("evaluate: top1 %.4f on %d images of %s (%s)%s -> %s", metrics["top1"], table.num_rows, ds.name,
+    log.info("evaluate: top1 %.4f on %d images of %s (%s)%s -> %s", metrics["top1"], index.num_rows, ds.name,
              ev.split, "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k != "top1"),
              redact(join(out, "metrics.json")))
     return {**summary, "output": redact(out)}

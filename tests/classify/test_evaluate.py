@@ -55,6 +55,20 @@ def test_same_dataset_gives_the_classifiers_own_accuracy(trained):
     assert again["metrics"]["top1"] == summary["metrics"]["top1"]
     assert again["classifier"] == summary["output"] and resolve_stage("evaluate") is evaluate
 
+    # the same test images as an image folder, all of it evaluated (split=all: its own train and test parts,
+    # read by Ray workers from the files): the same top-1
+    digits = load_dataset(config)
+    for i, (blob, label) in enumerate(zip(digits.test.column("image").to_pylist(),
+                                          digits.test.column("label").to_pylist())):
+        folder = tmp / "folder" / digits.class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(blob)
+    folder = evaluate(load_config(None, [f"run.output={tmp}", *FAST, "evaluate.dataset.source=imagefolder",
+                                         f"evaluate.dataset.uri={tmp / 'folder'}", "evaluate.dataset.metaclass=digit",
+                                         f"evaluate.dataset.class_names={json.dumps(digits.class_names)}",
+                                         "evaluate.split=all"]))
+    assert folder["images"] == digits.test.num_rows and folder["metrics"]["top1"] == summary["metrics"]["top1"]
+
 
 def test_group_accuracy_on_a_second_dataset_with_and_without_a_class_map(trained):
     tmp, config, summary = trained
