@@ -22,7 +22,7 @@ from engine.config import DatasetConfig, ExperimentConfig
 from engine.data import builtin
 from engine.data.dataset import DatasetError, ImageDataset, check_labels, make_index, make_table
 from engine.data.images import BadImageError, decode
-from engine.data.reads import check_uris
+from engine.data.reads import check_uris, walk_many
 from engine.data.splits import few_shot, long_tail, stratified_split
 from engine.storage import Storage, join, redact
 
@@ -87,30 +87,25 @@ def _relative(uri: str, root: str) -> str:
 
 
 # --- image folders ---------------------------------------------------------------------------
-LISTING_THREADS = 8  # class folders listed at once
 def _folder_listing(storage: Storage, root: str, class_names: list[str] | None,
                     ) -> tuple[list[str], list[str], list[str], list[int]]:
     """(class names, ids, URIs, labels) of an image-folder tree, from a listing: names only, no reads.
 
-    Walked by class folder, LISTING_THREADS at a time: an object store's listing entries (a dict of metadata
-    per object) then exist for a few classes at once, not for the whole dataset (the driver's peak memory,
-    issue #13), and listing latency overlaps. Files at the top level are not images of any class (README, ...)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def files_of(name: str) -> list[str]:
-        return [f for f in storage.walk_files(join(root, name)) if not _hidden(_relative(f, root))]
-
+    Class folders are walked in parallel off the driver (engine.data.reads.walk_many: Ray tasks on a
+    cluster): an object store's listing builds a metadata dict per object, and only names come back here
+    (the driver's peak memory, issue #13). Files at the top level are not images of any class (README, ...)."""
     names_found = [n for n in storage.list_dirs(root) if not _hidden(n)]
     by_class: dict[str, list[str]] = {}
     other = 0
-    with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:
-        for name, files in zip(names_found, pool.map(files_of, names_found)):
-            images = by_class.setdefault(name, [])  # a class folder with no files still names a class
-            for f in files:
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    images.append(f)
-                else:
-                    other += 1
+    for name, files in zip(names_found, walk_many(storage, [join(root, n) for n in names_found])):
+        images = by_class.setdefault(name, [])  # a class folder with no files still names a class
+        for f in files:
+            if _hidden(_relative(f, root)):
+                continue
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(f)
+            else:
+                other += 1
     if other:
         log.info("image folder %s: ignored %d file(s) without an image extension %s", redact(root), other,
                  "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 READ_THREADS = 16          # concurrent GETs per task: S3 latency, not CPU, bounds a small-file read
 ROWS_PER_TASK = 256        # files per Ray Data task: amortises task overhead, spreads 1k files over 4+ tasks
+LISTING_THREADS = 8        # folders listed at once without a cluster
+LISTING_TASK_CPUS = 0.25   # a listing waits on storage
 
 CHECK_SCHEMA = pa.schema([("pos", pa.int64()), ("size", pa.int64()), ("sha256", pa.string()), ("error", pa.string())])
 
@@ -53,6 +55,29 @@ def check_files(batch: pa.Table, storage: Storage) -> pa.Table:
     checked = [check_bytes(data, redact(uri)) for uri, data in zip(uris, read_many(storage, uris))]
     return pa.table({"pos": batch.column("pos"), "size": [c[0] for c in checked],
                      "sha256": [c[1] for c in checked], "error": [c[2] for c in checked]}, schema=CHECK_SCHEMA)
+
+
+def walk_many(storage: Storage, folders: list[str], threads: int = LISTING_THREADS) -> list[list[str]]:
+    """The files below each folder (storage.walk_files), listed off the driver: one Ray task per folder on a
+    cluster (an object store's listing builds a metadata dict per object; only the names come back), else
+    `threads` folders at a time in this process."""
+    if not folders:
+        return []
+    if on_cluster():
+        import ray
+
+        from engine import ray_local
+
+        ray_local.ensure_ray()
+        task = ray.remote(num_cpus=LISTING_TASK_CPUS)(walk_files)
+        return ray.get([task.remote(storage, f) for f in folders])
+    with ThreadPoolExecutor(max_workers=min(threads, len(folders))) as pool:
+        return list(pool.map(lambda f: walk_files(storage, f), folders))
+
+
+def walk_files(storage: Storage, folder: str) -> list[str]:
+    """Ray task (or thread): the file URIs below `folder`."""
+    return storage.walk_files(folder)
 
 
 def on_cluster() -> bool:
