@@ -136,11 +136,11 @@ class ImageDataset:
         if not self.on_storage:
             return table
         if name not in self._with_bytes:
-            from engine.data.reads import attach_images
+            from engine.data.reads import read_table
 
             log.info("dataset %s: reading %d %s image(s) into this process", self.name, table.num_rows, name)
             assert self.storage is not None
-            self._with_bytes[name] = attach_images(table, self.storage).select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+            self._with_bytes[name] = read_table(table, self.storage, ROW_SCHEMA)
         return self._with_bytes[name]
 
     @property
@@ -190,7 +190,8 @@ class ImageDataset:
         images, so this process never holds them."""
         import ray
 
-        from engine.data.epochs import READ_TASK_CPUS, read_table
+        from engine.data.epochs import READ_TASK_CPUS
+        from engine.data.reads import read_table
 
         if not self.on_storage:
             return ray.put(self.split(name).select(columns))

@@ -116,15 +116,10 @@ def put_blocks(table: pa.Table, rows_per_block: int) -> list[Block]:
     return blocks
 
 
-def read_table(rows: pa.Table, storage: Storage, schema: pa.Schema) -> pa.Table:
-    """Ray task: rows on storage (a `uri` column) as `schema`, with their image bytes read in."""
-    from engine.data.reads import attach_images
-
-    return attach_images(rows, storage).select(schema.names).cast(schema)
-
-
 def read_block(rows: pa.Table, storage: Storage, schema: pa.Schema, start: int) -> pa.Table:
-    """Ray task: `read_table`, plus `pos` from `start`."""
+    """Ray task: `reads.read_table`, plus `pos` from `start`."""
+    from engine.data.reads import read_table
+
     table = read_table(rows, storage, schema)
     return table.append_column("pos", pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
 

@@ -122,3 +122,9 @@ def attach_images(rows: pa.Table, storage: Storage) -> pa.Table:
     """`rows` (with a `uri` column) plus their `image` bytes: for work that needs pixels in this process."""
     images = pa.array(read_many(storage, rows.column("uri").to_pylist()), type=pa.binary())
     return rows.append_column("image", images)
+
+
+def read_table(rows: pa.Table, storage: Storage, schema: pa.Schema) -> pa.Table:
+    """`rows` (a `uri` column) as `schema`, with their image bytes read in (in this process, or as a Ray task
+    that keeps the bytes off the driver)."""
+    return attach_images(rows, storage).select(schema.names).cast(schema)

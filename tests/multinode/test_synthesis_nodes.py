@@ -18,7 +18,7 @@ from engine.storage import Storage
 from engine.synthesis import run
 from engine.synthesis.sink import committed_files, read_shard
 from engine.synthesis.translate import SynthesisError
-from engine.testing.background import Background, wait_for_files, wait_until
+from engine.testing.background import Background, wait_until
 from engine.testing.cluster import GPU_SLOT, WorkerNode
 from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
 
