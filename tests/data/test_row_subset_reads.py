@@ -155,3 +155,34 @@ def test_a_corrupt_or_truncated_shard_is_named_by_both_readers(tmp_path):
             SyntheticSet.open(uri, storage).read(filtered=False)
         with pytest.raises(ShardError, match=r"cannot read shard .*part-"):
             read_shards(files, storage, np.arange(32))
+
+
+def test_a_stalled_store_under_the_shard_readers_stays_a_storage_error(s3_server, s3_bucket):
+    """SeaweedFS paused (SIGSTOP) while a shard's footer is being read: both readers fail with the storage's
+    own error (bounded by storage.max_stall_s, naming the URI), not with a "cannot read shard" ShardError."""
+    import pytest
+
+    from engine.data.shards import ShardError
+    from engine.storage import StorageError
+
+    server = s3_server["server"]
+    options = {"key": S3_ACCESS_KEY, "secret": S3_SECRET_KEY, **s3_server["storage_options"]}
+    uri = f"{s3_bucket}/syn"
+    write_set(uri, Storage(storage_options=options), rows=32, rows_per_file=16, side=16)
+
+    class StallsOnRead(Storage):
+        """The real store, paused for the duration of each ranged read (a footer read comes first)."""
+
+        def read_bytes(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
+            with server.stalled():
+                return super().read_bytes(uri, start, end)
+
+    stalling = StallsOnRead(storage_options=options, retries=0, connect_timeout_s=1, read_timeout_s=1,
+                            max_stall_s=2)
+    files = SyntheticSet.open(uri, Storage(storage_options=options)).files()
+    for read in (lambda: read_shards(files[:1], stalling, np.arange(32)),
+                 lambda: SyntheticSet(uri, stalling, SyntheticSet.open(uri, Storage(storage_options=options))
+                                      .manifest).read(filtered=False)):
+        with pytest.raises(StorageError, match=r"storage stalled: read .*part-") as err:
+            read()
+        assert not isinstance(err.value, ShardError)
