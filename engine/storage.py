@@ -17,28 +17,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import fsspec
+from aiohttp import ClientConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import AsyncFileSystem, sync_wrapper
 from fsspec.implementations.local import LocalFileSystem
 from s3fs import S3FileSystem
+
+from engine.errors import find_cause
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "could not reach the store", worth a bounded retry. Missing files are not.
-_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-try:  # botocore is present whenever s3fs is
-    from botocore.exceptions import ConnectionError as _BotoConnectionError
-    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
-
-    _TRANSIENT = _TRANSIENT + (_BotoConnectionError, EndpointConnectionError, ReadTimeoutError)
-except ImportError:  # pragma: no cover - s3fs is a hard dependency
-    pass
-try:
-    from aiohttp import ClientConnectionError
-
-    _TRANSIENT = _TRANSIENT + (ClientConnectionError,)
-except ImportError:  # pragma: no cover
-    pass
+# (botocore and aiohttp are s3fs's own dependencies: its requests fail with their errors.)
+_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, BotoConnectionError,
+                                               EndpointConnectionError, ReadTimeoutError, ClientConnectionError)
+# S3 error codes that ask the client to slow down or try again (besides every 5xx answer).
+_RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded"})
 
 
 class StorageError(OSError):
@@ -65,11 +61,27 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def _server_asks_for_retry(exc: BaseException) -> bool:
+    """An S3 answer that says "try again": a 5xx (InternalError, ServiceUnavailable) or a throttling code."""
+    if not isinstance(exc, ClientError):
+        return False
+    response = exc.response or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return status >= 500 or response.get("Error", {}).get("Code") in _RETRY_CODES
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code (InternalError, SlowDown, ...) in `exc`'s causes, if the store answered one."""
+    answer = find_cause(exc, ClientError)
+    return None if answer is None else (answer.response or {}).get("Error", {}).get("Code")
+
+
 def transient(exc: BaseException) -> bool:
-    """Could not reach the store (connection, timeout): worth a bounded retry; a missing file is not."""
+    """Could not reach the store (connection, timeout) or the store said "try again" (5xx, SlowDown): worth a
+    bounded retry; a missing file or a refused request is not."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, _TRANSIENT) or _server_asks_for_retry(exc):
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and transient(cause)
@@ -181,9 +193,10 @@ class Storage:
                         f"({attempt + 1} attempt(s), last {type(exc).__name__}; storage.max_stall_s bounds this)"
                     ) from exc
                 if attempt >= self.retries:
+                    code = _s3_error_code(exc)
+                    state = f"storage answered S3 {code}" if code else "storage unreachable"
                     raise StorageError(
-                        f"storage unreachable: {what} {redact(uri)} failed after {attempt + 1} attempts "
-                        f"({type(exc).__name__})"
+                        f"{state}: {what} {redact(uri)} failed after {attempt + 1} attempts ({type(exc).__name__})"
                     ) from exc
                 attempt += 1
                 log.warning("%s %s: %s after %.1f s, retry %d/%d in %.1fs", what, redact(uri), type(exc).__name__,

