@@ -39,6 +39,10 @@ class ClusterError(RuntimeError):
     """A worker node that did not join or leave the cluster in time; the message carries its log's tail."""
 
 
+class NodeBootFailed(ClusterError):
+    """The node's `ray start` exited before the node joined."""
+
+
 @dataclass
 class WorkerNode:
     """One running worker node: its Ray node id, resources and the handles to stop or kill it."""
@@ -84,17 +88,40 @@ class WorkerNodes:
     awaited through the GCS node table.
     """
 
-    def __init__(self, address: str, join_timeout_s: float = 90.0, leave_timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, join_timeout_s: float = 90.0, leave_timeout_s: float = 60.0,
+                 start_attempts: int = 2) -> None:
         self.address = address
         self.join_timeout_s = join_timeout_s
         self.leave_timeout_s = leave_timeout_s
+        self.start_attempts = start_attempts
         self.nodes: list[WorkerNode] = []
         self._ray_bin = str(Path(sys.executable).parent / "ray")
 
     def add(self, slots: float = 1.0, num_cpus: float = 1.0, object_store_mb: int = 80,
             resources: dict[str, float] | None = None) -> WorkerNode:
-        """Start one worker node with `slots` GPU slots and wait until the head lists it alive."""
+        """Start one worker node with `slots` GPU slots and wait until the head lists it alive.
+
+        A `ray start` that exits before its node joins is started again (`start_attempts` in all), as an
+        autoscaler relaunches a node that failed to boot: Ray gives a raylet 30 s (fixed) to register with the
+        GCS, which a 2-core box busy starting actors can exceed."""
         custom = {GPU_SLOT: float(slots), **(resources or {})}
+        for attempt in range(1, self.start_attempts + 1):
+            node = self._launch(custom, num_cpus, object_store_mb)
+            try:
+                self._wait_joined(node)
+            except NodeBootFailed as exc:
+                self.nodes.remove(node)
+                self._discard(node)
+                if attempt == self.start_attempts:
+                    raise ClusterError(str(exc)) from exc
+                log.warning("worker node did not boot (attempt %d/%d), starting it again: %s", attempt,
+                            self.start_attempts, str(exc).splitlines()[0])
+                continue
+            log.info("worker node %s joined with %s", node.node_id[:8], custom)
+            return node
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _launch(self, custom: dict[str, float], num_cpus: float, object_store_mb: int) -> WorkerNode:
         port = free_port()
         temp_dir = tempfile.mkdtemp(prefix="rayw-", dir="/tmp")  # short: raylet socket paths are length-limited
         cmd = [
@@ -110,23 +137,31 @@ class WorkerNodes:
         env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         env.pop("RAY_ADDRESS", None)  # --address says which head; RAY_ADDRESS would be the same, but be explicit
         proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        pending = WorkerNode("", custom, port, proc, temp_dir, log_path, log_fh)
-        self.nodes.append(pending)
+        node = WorkerNode("", custom, port, proc, temp_dir, log_path, log_fh)
+        self.nodes.append(node)
+        return node
 
+    def _wait_joined(self, node: WorkerNode) -> None:
         def joined() -> bool:
-            if proc.poll() is not None:
-                raise ClusterError(f"worker node exited with {proc.returncode}; log:\n{pending.log_tail()}")
-            entry = next((n for n in _nodes() if n["Alive"] and n.get("NodeManagerPort") == port), None)
+            if node.proc.poll() is not None:
+                raise NodeBootFailed(f"worker node exited with {node.proc.returncode}; log:\n{node.log_tail()}")
+            entry = next((n for n in _nodes() if n["Alive"] and n.get("NodeManagerPort") == node.node_manager_port), None)
             if entry is not None:
-                pending.node_id = entry["NodeID"]
+                node.node_id = entry["NodeID"]
             return entry is not None
 
         try:
-            wait_for(joined, f"worker node on port {port} joining {self.address}", self.join_timeout_s)
-        except ClusterError as exc:
-            raise ClusterError(f"{exc}; log:\n{pending.log_tail()}") from exc
-        log.info("worker node %s joined with %s", pending.node_id[:8], custom)
-        return pending
+            wait_for(joined, f"worker node on port {node.node_manager_port} joining {self.address}", self.join_timeout_s)
+        except NodeBootFailed:
+            raise
+        except ClusterError as exc:  # joined too slowly: alive but not listed, no retry
+            raise ClusterError(f"{exc}; log:\n{node.log_tail()}") from exc
+
+    def _discard(self, node: WorkerNode) -> None:
+        """Whatever a node that never joined left: processes of its group, its log handle and files."""
+        _signal_group(node.proc, signal.SIGKILL)
+        node.log_fh.close()
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
 
     def kill(self, node: WorkerNode, wait_dead: bool = False) -> None:
         """SIGKILL the node's process group (raylet, agents, workers): a spot reclaim, no goodbye to the head."""
