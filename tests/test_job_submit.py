@@ -8,12 +8,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, message: list | None = None
-                    ) -> tuple[str, str]:
-    """Submit with the real CLI, wait for a terminal state; return (status, logs); `message` gets the
-    job's status message (what `ray job status` prints)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+def submit(ray_cluster, entrypoint: list[str]) -> str:
+    """Submit with the real CLI (`ray job submit --no-wait`); return the job id."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # The head's dashboard answers "No available agent to submit job, please try again later" while its
@@ -29,7 +25,15 @@ def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, 
             break
         time.sleep(3)
     assert out.returncode == 0, out.stderr + out.stdout
-    job_id = next(w.strip("'\"") for line in out.stdout.splitlines() for w in line.split() if w.strip("'\"").startswith("raysubmit_"))
+    return next(w.strip("'\"") for line in out.stdout.splitlines() for w in line.split()
+                if w.strip("'\"").startswith("raysubmit_"))
+
+
+def wait_for_job(ray_cluster, job_id: str, timeout_s: float = 600, message: list | None = None) -> tuple[str, str]:
+    """Until the job is in a terminal state; return (status, logs); `message` gets the job's status message
+    (what `ray job status` prints)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     client = JobSubmissionClient(ray_cluster["dashboard_url"])
     deadline = time.time() + timeout_s
     while True:
@@ -40,6 +44,12 @@ def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, 
             return str(status), client.get_job_logs(job_id)
         assert time.time() < deadline, f"job {job_id} still {status} after {timeout_s}s"
         time.sleep(1)
+
+
+def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, message: list | None = None
+                    ) -> tuple[str, str]:
+    """Submit, then wait for a terminal state; return (status, logs)."""
+    return wait_for_job(ray_cluster, submit(ray_cluster, entrypoint), timeout_s, message)
 
 
 def test_check_job_via_ray_job_submit(ray_cluster, tmp_path):
