@@ -103,6 +103,74 @@ def ray_session(ray_cluster):
     ray.shutdown()
 
 
+# How long a finished test's actors and placement groups may take to give their CPUs back (a Ray Data
+# actor pool is killed asynchronously; a Train worker group ends with its controller).
+RELEASE_WAIT_S = 60.0
+
+
+def _held_cpus(ray) -> float:
+    return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+
+
+def _wait_for_free_cpus(ray, timeout_s: float) -> float:
+    """CPUs still held after waiting up to `timeout_s` for all of them to be free."""
+    deadline = time.monotonic() + timeout_s
+    while _held_cpus(ray) > 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return _held_cpus(ray)
+
+
+def _cpu_holders(ray) -> list[str]:
+    """Alive actors that hold CPUs or own nothing but bookkeeping, and placement groups still reserved."""
+    from ray.util.state import list_actors
+
+    held = []
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, timeout=10):
+        resources = {k: v for k, v in (actor.required_resources or {}).items() if k != "memory"}
+        held.append(f"actor {actor.class_name}{resources or ''}")
+    for pg in ray.util.placement_group_table().values():
+        if pg.get("state") == "CREATED":
+            held.append(f"placement group {pg.get('name') or pg['placement_group_id'][:8]}{pg.get('bundles')}")
+    return sorted(held)
+
+
+@pytest.fixture(autouse=True)
+def cluster_left_idle(request):
+    """After each test on the session's cluster: every CPU is free again within RELEASE_WAIT_S.
+
+    A test that leaves actors or placement groups holding CPUs (a stage whose actor pool or Train worker
+    group outlived it) would leave every later test waiting for resources until its timeout. Instead this
+    test errors at teardown naming what holds them, and the driver reconnects: its Ray job ends, so Ray
+    removes every actor and placement group the job owned, and the rest of the suite runs on an idle
+    cluster."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    held = _wait_for_free_cpus(ray, RELEASE_WAIT_S)
+    if held <= 1e-6:
+        return
+    holders = _cpu_holders(ray)
+    ray.shutdown()
+    ray.init(address=request.getfixturevalue("ray_cluster")["address"], log_to_driver=True, configure_logging=False)
+    left = _wait_for_free_cpus(ray, 30.0)
+    pytest.fail(f"{held:g} CPU still held {RELEASE_WAIT_S:g} s after the test ({left:g} after the driver's job "
+                f"was ended); held by: {holders}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that hit pytest-timeout stops the session: the cluster or store it hung on is not to be trusted
+    by the tests after it, and the summary of what ran (with the hung test's stacks) is printed at once."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "Timeout" in str(report.longrepr) and "pytest-timeout" in str(report.longrepr):
+        item.session.shouldstop = f"{item.nodeid} hung past its timeout; later tests would wait on what it left"
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """Per-session model cache so tiny models are built once and never downloaded."""

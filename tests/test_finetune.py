@@ -1,7 +1,10 @@
-"""The finetune stage end to end on Ray Train (2 CPU workers, tiny SD, built-in digits).
+"""The finetune stage end to end on Ray Train (CPU workers, tiny SD, built-in digits).
 
-Three real runs share the work: `ti+db` (local; loss, stock loading, idempotence), `ti` with an injected
-worker failure (resume), and `db` written to the SeaweedFS S3 server (S3 round trip).
+Real runs share the work: `ti+db` on two DDP workers (local; loss, stock loading, idempotence, the same
+bytes again with its epochs streamed), `ti` on one worker with an injected worker failure and with a
+stalled store (resume to an uninterrupted run's bytes), and `db` written to the SeaweedFS S3 server (S3
+round trip). One worker where DDP is not the point: each worker process imports torch, diffusers and
+peft (~20 s of CPU on this box).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def _config(tmp: Path, cache: Path, name: str, *overrides: str) -> ExperimentCon
     return load_config(None, [
         f"run.output={tmp}", f"run.name={name}", f"model.cache_dir={cache}", "model.resolution=32",
         "dataset.subset.kind=few_shot", "dataset.subset.shots=8",
-        "finetune.resolution=32", "finetune.batch_size=8", "finetune.num_workers=2",
+        "finetune.resolution=32", "finetune.batch_size=8", "finetune.num_workers=1",
         "finetune.cpus_per_worker=0.5", "finetune.learning_rate=1e-2", "finetune.log_every=2",
         *overrides,
     ])
@@ -49,11 +52,14 @@ def _sample(pipe, prompt: str) -> np.ndarray:
                 generator=torch.Generator().manual_seed(7), output_type="np").images[0]
 
 
+TIDB = ["finetune.steps=12", "finetune.checkpoint_every=6", "finetune.num_workers=2"]  # DDP
+
+
 @pytest.fixture(scope="module")
 def tidb(ray_session, tmp_path_factory, tiny_cache):
     """One trained ti+db artifact shared by the tests below."""
     tmp = tmp_path_factory.mktemp("ft-tidb")
-    config = _config(tmp, tiny_cache, "tidb", "finetune.steps=12", "finetune.checkpoint_every=6")
+    config = _config(tmp, tiny_cache, "tidb", *TIDB)
     summary = run(config)
     return config, summary
 
@@ -129,8 +135,7 @@ def test_same_config_writes_byte_identical_adapter_streamed_or_inline(tidb, tmp_
     """Data order, crops, flips, noise, timesteps and the LoRA init all come from the config: a second
     fine-tune (its epochs decoded by a Ray Data stream this time, not in the worker) writes the same bytes."""
     config, summary = tidb
-    again = run(_config(tmp_path, tiny_cache, "tidb", "finetune.steps=12", "finetune.checkpoint_every=6",
-                        "finetune.inline_rows=0", "finetune.rows_per_task=8"))
+    again = run(_config(tmp_path, tiny_cache, "tidb", *TIDB, "finetune.inline_rows=0", "finetune.rows_per_task=8"))
     assert not again["reused"] and again["config_hash"] == summary["config_hash"]
     first, second = _weight_files(summary["artifact"]), _weight_files(again["artifact"])
     assert len(first) == 11 and first == second

@@ -13,10 +13,12 @@ from engine.demo import DEMO_CONFIG
 from engine.demo import run as run_demo
 
 def reduced(tmp_path, name: str) -> list[str]:
-    """The demo config shrunk to seconds per stage (same code paths)."""
+    """The demo config shrunk to seconds per stage (same code paths; one fine-tune worker: DDP is tested in
+    tests/test_finetune.py, and each worker process costs ~20 s of imports here)."""
     return [
         f"run.output={tmp_path}", f"run.name={name}", f"model.cache_dir={tmp_path / 'cache'}",
         "dataset.subset.shots=3", "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=2",
+        "finetune.num_workers=1",
         "synthesis.multiplier=0.4", "synthesis.num_inference_steps=4", "synthesis.rows_per_file=4",
         "synthesis.batch_size=4", "classify.epochs=2", "classify.eval_every=1",
     ]

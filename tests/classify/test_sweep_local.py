@@ -1,18 +1,23 @@
-"""The two laptop sweeps that used to deadlock, run as a user runs them: `diffmix sweep` in its own process,
-no cluster to join, two CPUs. Each starts one local Ray sized for its largest stage.
+"""The laptop sweep that used to deadlock, run as a user runs it: `diffmix sweep` in its own process, no
+cluster to join, two CPUs, one local Ray sized for its largest stage.
 
 1. A sweep over a strength set that has no synthetic set yet synthesizes it inside the sweep's instance
    (Translator + ClipScorer actors and their tasks: 3 CPUs); sized for the trials alone (2), the
-   reference-loading tasks could never run.
-2. A sweep over the existing set: a trial (1 CPU) and its Train worker (0.5) left no CPU for the
-   evaluation stream's decode task (1), which waited forever at the first evaluation.
+   reference-loading tasks could never run. Its trials then train and evaluate in that instance.
+2. A sweep over an existing set: a trial (1 CPU) and its Train worker (0.5) left no CPU for the
+   evaluation stream's decode task (1), which waited forever at the first evaluation. The trials of (1)
+   have that same shape; the sizing that counts the decode task is checked without a second sweep.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from engine.classify.tune import sweep_needs
+from engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,15 +41,20 @@ def _sweep(tmp_path: Path, tiny_cache: Path, name: str, *extra: str) -> str:
     return text
 
 
-def test_both_laptop_sweeps_finish_on_two_cpus(tmp_path, tiny_cache):
-    first = _sweep(tmp_path, tiny_cache, "strengths", "sweep.gamma=[0.5]", "sweep.p=[0.3]",
-                   "sweep.strengths=[[0.5,0.7,0.9],[0.7]]")
-    assert "starting a local Ray instance (3 logical CPUs" in first  # sized for synthesis, not the trials
-    assert "synthetic set for strengths [0.7]" in first
-    # one trial is enough: the old deadlock struck at the first trial's first evaluation
-    second = _sweep(tmp_path, tiny_cache, "existing", "sweep.gamma=[1.0]", "sweep.p=[0.3]")
-    assert "starting a local Ray instance (3 logical CPUs" in second  # trial + worker + decode task = 2.5
+def test_laptop_sweep_synthesizes_then_trains_and_evaluates_on_two_cpus(tmp_path, tiny_cache):
+    text = _sweep(tmp_path, tiny_cache, "strengths", "sweep.gamma=[0.5]", "sweep.p=[0.3]",
+                  "sweep.strengths=[[0.5,0.7,0.9],[0.7]]")
+    assert "starting a local Ray instance (3 logical CPUs" in text  # sized for synthesis, not the trials
+    assert "synthetic set for strengths [0.7]" in text
     results = sorted((tmp_path / "demo" / "sweep").glob("*/results.md"))
-    assert len(results) == 2
-    rows = [line for md in results for line in md.read_text().splitlines()[2:] if line.strip()]
-    assert len(rows) == 3 and all("| ok |" in r for r in rows), rows
+    assert len(results) == 1
+    rows = [line for line in results[0].read_text().splitlines()[2:] if line.strip()]
+    assert len(rows) == 2 and all("| ok |" in r for r in rows), rows
+
+
+def test_a_sweep_over_an_existing_set_is_sized_for_the_decode_task_too():
+    """Trial (1) + Train worker (0.5) + the evaluation's decode task (1): 2.5, so a local instance of 3."""
+    config = load_config(REPO / "examples" / "demo.yaml", ["sweep.gamma=[1.0]", "sweep.p=[0.3]"])
+    needs = sweep_needs(config, config.sweep.max_concurrent_trials)
+    assert needs.cpu == config.sweep.trial_cpus + config.classify.cpus_per_worker + config.classify.data_cpus == 2.5
+    assert math.ceil(needs.cpu) == 3
