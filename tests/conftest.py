@@ -113,10 +113,10 @@ def _held_cpus(ray) -> float:
     return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
 
 
-def _wait_for_free_cpus(ray, timeout_s: float) -> float:
-    """CPUs still held after waiting up to `timeout_s` for all of them to be free."""
+def _wait_for_free_cpus(ray, timeout_s: float, still_held: float = 0.0) -> float:
+    """CPUs held after waiting up to `timeout_s` for all but `still_held` of them to be free."""
     deadline = time.monotonic() + timeout_s
-    while _held_cpus(ray) > 1e-6 and time.monotonic() < deadline:
+    while _held_cpus(ray) > still_held + 1e-6 and time.monotonic() < deadline:
         time.sleep(0.25)
     return _held_cpus(ray)
 
@@ -171,10 +171,7 @@ def cluster_left_idle(request):
 
     if not ray.is_initialized():
         return
-    deadline = time.monotonic() + RELEASE_WAIT_S
-    while _held_cpus(ray) > _foreign_held["cpu"] + 1e-6 and time.monotonic() < deadline:
-        time.sleep(0.25)
-    held = _held_cpus(ray)
+    held = _wait_for_free_cpus(ray, RELEASE_WAIT_S, still_held=_foreign_held["cpu"])
     _foreign_held["cpu"] = min(_foreign_held["cpu"], held)
     if held <= _foreign_held["cpu"] + 1e-6:
         return
