@@ -574,6 +574,9 @@ class DemoConfig(Section):
         default_factory=lambda: ["real-only", "diff-aug", "diff-mix", "diff-gen"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     report_pairs: int = Field(default=4, ge=1, le=20, description="Class pairs in the translation grid")
+    concurrent_runs: int = Field(default=2, ge=1, le=16, description="Classifiers trained at once (each its own "
+                                 "Ray Train run, seeded by its config, so the results do not depend on it): one run's "
+                                 "start-up overlaps another's epochs; the local instance is sized for this many")
 
 
 class ExperimentConfig(Section):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from functools import partial
+from typing import Any, Callable, TypeVar
 
-from engine.cli import setup_logging
+from engine.cli import setup_logging, stage_needs
 from engine.config import ExperimentConfig, load_config
 from engine.data import load_dataset
 from engine.data.shards import SyntheticSet
@@ -21,6 +24,7 @@ from engine.report import ReportInputs, ResultRow, StageTiming, write_report
 from engine.storage import Storage, join
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "demo.yaml")
 # the paper's direction of effect in few-shot settings (Diff-Mix, Table 2)
@@ -28,12 +32,13 @@ EXPECTED_ORDER = ("diff-mix", "diff-aug", "real-only")
 
 
 def start_local_ray(config: ExperimentConfig) -> None:
-    """A local Ray sized for every stage the demo runs, at least 4 logical CPUs on a laptop (more than the
-    cores let fractional tasks pack)."""
+    """A local Ray sized for every stage the demo runs and for `demo.concurrent_runs` classifiers at once, at
+    least 4 logical CPUs on a laptop (more than the cores let fractional tasks pack)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if start_ray_for(config, ["finetune", "synthesize", "classify"], "the demo", min_cpus=4,
+    classifiers = stage_needs("classify", config).times(config.demo.concurrent_runs, "demo.concurrent_runs")
+    if start_ray_for(config, ["finetune", "synthesize", "classify"], "the demo", size_for=[classifiers], min_cpus=4,
                      object_store_memory=512 * 1024 * 1024, include_dashboard=False, configure_logging=False):
         ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -51,20 +56,42 @@ def synthetic_sets(config: ExperimentConfig, methods: list[str], adapter: str | 
     return out
 
 
+def run_at_most(calls: list[Callable[[], T]], at_once: int) -> list[T]:
+    """Every call, at most `at_once` at a time (threads: each call is a Ray job step that mostly waits on its
+    actors), results in call order. After a failure (or Ctrl-C) no further call starts, the running ones end,
+    and the first failure in call order is raised."""
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="demo-run") as pool:
+        futures = [pool.submit(call) for call in calls]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()
+            raise failed.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+
+
 def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, dict[str, Any]]
                   ) -> tuple[list[ResultRow], list[dict[str, Any]]]:
-    rows, summaries = [], []
+    """One classifier per method and seed, `demo.concurrent_runs` at a time."""
+    runs: list[tuple[str, ExperimentConfig]] = []
     for method in methods:
-        p = 0.0 if method == "real-only" else config.classify.p
-        top1 = []
         for seed in config.demo.seeds:
-            fields: dict[str, Any] = {"p": p, "seed": seed}
+            fields: dict[str, Any] = {"p": 0.0 if method == "real-only" else config.classify.p, "seed": seed}
             if method != "real-only":
                 fields["synthetic"] = sets[method]["output"]
-            summary = run_stage("classify", with_overrides(config, classify=fields))
-            summaries.append(summary)
-            top1.append(float(summary["metrics"]["top1"]))
-        rows.append(ResultRow(method, "-" if method == "real-only" else method, p,
+            runs.append((method, with_overrides(config, classify=fields)))
+    summaries = run_at_most([partial(run_stage, "classify", cfg) for _, cfg in runs], config.demo.concurrent_runs)
+    rows = []
+    for method in methods:
+        top1 = [float(s["metrics"]["top1"]) for (m, _), s in zip(runs, summaries) if m == method]
+        rows.append(ResultRow(method, "-" if method == "real-only" else method,
+                              0.0 if method == "real-only" else config.classify.p,
                               None if method == "real-only" else config.classify.gamma, top1))
     return rows, summaries
 
@@ -113,8 +140,9 @@ def base_model_note(config: ExperimentConfig) -> str | None:
             f"pre-training.")
 
 
-def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
-            ) -> list[StageTiming]:
+def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+            classify_s: float, at_once: int) -> list[StageTiming]:
+    """Each stage's throughput; the classifiers' over the wall time of all of them (they overlap)."""
     out = []
     if finetune and not finetune.get("reused"):
         out.append(StageTiming("finetune", int(finetune["steps"]), "steps", float(finetune["stage_elapsed_s"])))
@@ -122,9 +150,9 @@ def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], ru
         if s.get("written"):
             out.append(StageTiming(f"synthesize ({method})", int(s["written"]), "images", float(s["stage_elapsed_s"])))
     samples = sum(int(r["metrics"].get("train_rows", 0)) * int(r["metrics"].get("epoch", 0)) for r in runs)
-    seconds = sum(float(r["stage_elapsed_s"]) for r in runs)
-    if samples and seconds:
-        out.append(StageTiming(f"classify ({len(runs)} runs)", samples, "samples", seconds))
+    if samples and classify_s:
+        out.append(StageTiming(f"classify ({len(runs)} runs, {min(at_once, len(runs))} at a time)", samples,
+                               "samples", classify_s))
     return out
 
 
@@ -137,7 +165,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     if any(m.startswith("diff-") for m in methods):
         finetune = run_stage("finetune", config)
     sets = synthetic_sets(config, methods, finetune["artifact"] if finetune else None)
+    started = time.perf_counter()
     rows, runs = classify_runs(config, methods, sets)
+    classify_s = time.perf_counter() - started
     grid_method = next((m for m in ("diff-mix", "real-mix") if m in sets), None)
     score_method = grid_method or next(iter(sets), None)
     inputs = ReportInputs(
@@ -146,7 +176,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         real_images=dict(zip(dataset.train.column("id").to_pylist(), dataset.train.column("image").to_pylist())),
         grid_set=SyntheticSet.open(sets[grid_method]["output"], storage) if grid_method else None,
         score_set=SyntheticSet.open(sets[score_method]["output"], storage) if score_method else None,
-        results=rows, timings=timings(finetune, sets, runs), verdict=verdict(rows),
+        results=rows, verdict=verdict(rows),
+        timings=timings(finetune, sets, runs, classify_s, config.demo.concurrent_runs),
         set_metrics={m: s["set_metrics"] for m, s in sets.items() if s.get("set_metrics")},
         notes=[n for n in (base_model_note(config),
                            f"config hash {config.hash()}; seeds {config.demo.seeds}; p = {config.classify.p}, "

@@ -44,6 +44,11 @@ class Needs:
     def resources(self) -> dict[str, float]:
         return {"CPU": self.cpu, "GPU": self.gpu, **self.custom}
 
+    def times(self, n: int, key: str) -> "Needs":
+        """`n` of this running at once (`key` is the setting that says how many)."""
+        return Needs(n * self.cpu, n * self.gpu, self.what, f"{key} x ({self.keys})" if self.keys else key,
+                     {k: n * v for k, v in self.custom.items()})
+
     @staticmethod
     def largest(*needs: "Needs", what: str = "the job") -> "Needs":
         """Stages that run one after another: the instance must hold the largest of each resource."""
@@ -73,8 +78,12 @@ def joins_cluster() -> bool:
 
 
 def local_train_env() -> None:
-    """Set before a local Ray starts (its processes inherit the environment); a user's value wins."""
+    """Set before a local Ray starts (its processes inherit the environment); a user's value wins. Besides the
+    poll: no preemption watcher, an actor process per Train run that polls for draining nodes (spot reclaims
+    announced by a cloud autoscaler); a local instance has no node to drain, and on a laptop each such
+    process costs seconds of CPU."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False, size_for: Needs | None = None,

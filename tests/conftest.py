@@ -23,6 +23,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Ray Train's controller polls workers every 2 s and each report() waits for that poll; tests' epochs
 # and steps take far less, so poll often (engine.ray_local.LOCAL_TRAIN_POLL_S, as the demo does).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# and no preemption watcher (an actor process per Train run polling for draining nodes), as on any local
+# instance (engine.ray_local.local_train_env): no test drains a node (node loss here is a SIGKILL), and on 2
+# cores each such process costs seconds of CPU that the suite is short of.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from engine.testing.s3server import CLIENT_ENV, free_port, start_s3_server  # noqa: E402
 

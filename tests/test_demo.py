@@ -32,3 +32,33 @@ def test_seed_spread_is_the_sample_standard_deviation():
     row = ResultRow("diff-mix", "diff-mix", 0.3, 0.5, [0.5, 0.6, 0.7])
     assert row.mean == pytest.approx(0.6) and row.std == pytest.approx(0.1)
     assert ResultRow("x", "x", 0.3, 0.5, [0.5]).std == 0.0
+
+
+def test_runs_at_most_n_at_once_in_call_order_and_stop_at_a_failure():
+    import threading
+    import time
+
+    import pytest
+
+    from engine.demo import run_at_most
+
+    lock, running, peak, started = threading.Lock(), [0], [0], []
+
+    def call(i, fail=False):
+        with lock:
+            started.append(i)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 * (3 - i % 3))  # later calls finish first
+        with lock:
+            running[0] -= 1
+        if fail:
+            raise ValueError(f"run {i} failed")
+        return i * 10
+
+    assert run_at_most([lambda i=i: call(i) for i in range(7)], 2) == [0, 10, 20, 30, 40, 50, 60]
+    assert peak[0] == 2
+    started.clear()
+    with pytest.raises(ValueError, match="run 1 failed"):
+        run_at_most([lambda i=i: call(i, fail=i in (1, 2)) for i in range(8)], 2)
+    assert len(started) < 8  # no run starts after the failure is seen

@@ -1,5 +1,5 @@
-"""The whole pipeline on tiny models: the demo's comparison + report, and stage jobs through `ray job submit`
-with a driver killed mid-synthesis and the pipeline job that finishes the run."""
+"""The whole pipeline on tiny models: the demo's comparison + report (its classifiers two at a time), and the
+pipeline job through `ray job submit`, its driver killed mid-synthesis and the job submitted again to finish."""
 import json
 import os
 import re
@@ -40,30 +40,26 @@ def test_demo_comparison_writes_a_complete_report(ray_session, tmp_path):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_stage_jobs_a_killed_driver_and_the_pipeline_job_via_ray_job_submit(ray_cluster, tmp_path):
-    """The fine-tune job; then the synthesize job, whose driver is SIGKILLed once it has committed a file (a
-    crashed job); then the pipeline job, which finds both: it reuses the adapter, keeps the rows committed
-    before the crash, generates the rest and trains the classifier. (jobs/*.py are the same `job_main`
-    wrapper, so one pipeline job covers classify's; one full pipeline over jobs is enough for the suite's
-    time. Two rows per file and batch: the synthesize job commits a file long before it would finish.)"""
+def test_a_killed_pipeline_job_and_its_rerun_via_ray_job_submit(ray_cluster, tmp_path):
+    """The pipeline job fine-tunes, and its driver is SIGKILLed once synthesis has committed a file (a crashed
+    job); the same job submitted again finds both: it reuses the adapter, keeps the rows committed before the
+    crash, generates the rest and trains the classifier. (jobs/*.py are the same `job_main` wrapper, so the
+    pipeline job covers the stages' jobs; one job that crashes and one that finishes are enough for the
+    suite's time. Two rows per file and batch: synthesis commits a file long before it would finish.)"""
     from ray.job_submission import JobSubmissionClient
     from test_job_submit import submit, submit_and_wait, wait_for_job
 
     args = ["--config", "examples/demo.yaml", *reduced(tmp_path, "stages"), "synthesis.batch_size=2",
             "synthesis.rows_per_file=2"]
     run_dir = tmp_path / "stages"
-    status, logs = submit_and_wait(ray_cluster, ["python", "jobs/finetune.py", *args])
-    assert status == "SUCCEEDED", f"finetune: {logs[-3000:]}"
     adapter_json = run_dir / "adapter" / "adapter.json"
-    assert adapter_json.exists()
-    mtime = adapter_json.stat().st_mtime_ns
 
-    job_id = submit(ray_cluster, ["python", "jobs/synthesize.py", *args])
+    job_id = submit(ray_cluster, ["python", "jobs/pipeline.py", *args])
     client = JobSubmissionClient(ray_cluster["dashboard_url"])
     deadline = time.time() + 600
     while not list(run_dir.glob("synthetic/*/part-*.parquet")):
         info = client.get_job_info(job_id)
-        assert not info.status.is_terminal(), f"synthesize ended before a file was committed: {info.status}"
+        assert not info.status.is_terminal(), f"the pipeline ended before synthesis committed a file: {info.status}"
         assert time.time() < deadline, "synthesis never committed a file"
         time.sleep(0.2)
     driver = client.get_job_info(job_id).driver_info
@@ -71,6 +67,8 @@ def test_stage_jobs_a_killed_driver_and_the_pipeline_job_via_ray_job_submit(ray_
     os.kill(int(driver.pid), signal.SIGKILL)
     status, _ = wait_for_job(ray_cluster, job_id, timeout_s=120)
     assert status == "FAILED"
+    assert adapter_json.exists()  # the fine-tune finished before synthesis started
+    mtime = adapter_json.stat().st_mtime_ns
 
     status, logs = submit_and_wait(ray_cluster, ["python", "jobs/pipeline.py", *args])
     assert status == "SUCCEEDED", logs[-3000:]

@@ -81,3 +81,16 @@ def test_local_train_poll_keeps_a_users_value(monkeypatch):
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     local_train_env()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == LOCAL_TRAIN_POLL_S
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # a user who wants drains logged keeps it
+    local_train_env()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    local_train_env()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
+def test_needs_of_several_at_once_scale_every_resource_and_name_the_key():
+    two = Needs(1.5, 1.0, "classify", "classify.num_workers x classify.cpus_per_worker", {"gpu_slot": 1.0}).times(
+        2, "demo.concurrent_runs")
+    assert (two.cpu, two.gpu, two.custom, two.what) == (3.0, 2.0, {"gpu_slot": 2.0}, "classify")
+    assert two.keys == "demo.concurrent_runs x (classify.num_workers x classify.cpus_per_worker)"

@@ -3,13 +3,15 @@ cluster to join, two CPUs, one local Ray sized for its largest stage.
 
 1. A sweep over a strength set that has no synthetic set yet synthesizes it inside the sweep's instance
    (Translator + ClipScorer actors and their tasks: 3 CPUs); sized for the trials alone (2), the
-   reference-loading tasks could never run. Its trials then train and evaluate in that instance.
+   reference-loading tasks could never run. Its trials (a gamma grid and the p = 0 baseline) then train
+   and evaluate in that instance, each with its own grid point (the trainers report what they used).
 2. A sweep over an existing set: a trial (1 CPU) and its Train worker (0.5) left no CPU for the
    evaluation stream's decode task (1), which waited forever at the first evaluation. The trials of (1)
    have that same shape; the sizing that counts the decode task is checked without a second sweep.
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 import subprocess
@@ -27,7 +29,7 @@ def _sweep(tmp_path: Path, tiny_cache: Path, name: str, *extra: str) -> str:
     args = [sys.executable, "-m", "engine.cli", "sweep", "--config", "examples/demo.yaml",
             f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "synthesis.strategy=real-mix", "metrics.enabled=false",
             "synthesis.multiplier=0.5", "synthesis.num_inference_steps=5", "classify.epochs=1",
-            "classify.eval_every=1", "sweep.include_baseline=false", *extra]
+            "classify.eval_every=1", *extra]
 
     def two_cpus() -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
@@ -42,14 +44,24 @@ def _sweep(tmp_path: Path, tiny_cache: Path, name: str, *extra: str) -> str:
 
 
 def test_laptop_sweep_synthesizes_then_trains_and_evaluates_on_two_cpus(tmp_path, tiny_cache):
-    text = _sweep(tmp_path, tiny_cache, "strengths", "sweep.gamma=[0.5]", "sweep.p=[0.3]",
-                  "sweep.strengths=[[0.5,0.7,0.9],[0.7]]")
+    text = _sweep(tmp_path, tiny_cache, "strengths", "sweep.gamma=[0.5, 1.0]", "sweep.p=[0.3]",
+                  "sweep.strengths=[[0.7]]", "sweep.include_baseline=true")
     assert "starting a local Ray instance (3 logical CPUs" in text  # sized for synthesis, not the trials
     assert "synthetic set for strengths [0.7]" in text
     results = sorted((tmp_path / "demo" / "sweep").glob("*/results.md"))
     assert len(results) == 1
-    rows = [line for line in results[0].read_text().splitlines()[2:] if line.strip()]
-    assert len(rows) == 2 and all("| ok |" in r for r in rows), rows
+    markdown = results[0].read_text().splitlines()
+    assert markdown[0].startswith("| trial | strengths | multiplier | gamma | p | top1") and len(markdown) == 5
+    with open(results[0].with_name("results.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), rows  # 2 x 1 grid + the p = 0 baseline
+    trials = [r for r in rows if r["trial"] != "baseline"]
+    assert sorted((r["gamma"], r["p"]) for r in trials) == [("0.5000", "0.3000"), ("1.0000", "0.3000")]
+    # each trial's trainer reports the gamma and p it trained with: the grid point reached it
+    assert all((r["trained_gamma"], r["trained_p"]) == (r["gamma"], r["p"]) for r in trials), rows
+    assert [float(r["p"]) for r in rows if r["trial"] == "baseline"] == [0.0]
+    top1 = [float(r["top1"]) for r in rows]
+    assert top1 == sorted(top1, reverse=True)
 
 
 def test_a_sweep_over_an_existing_set_is_sized_for_the_decode_task_too():

@@ -93,30 +93,14 @@ def uninterrupted(ray_session, tiny_cache, s3_server):
 
 
 @pytest.mark.s3
-def test_translators_run_on_the_worker_nodes_only(uninterrupted, worker_nodes, tiny_cache, s3_server, s3_bucket):
-    """Two one-slot nodes, a pool of two Translators asking for a slot: every window is translated on the
-    worker nodes (none on the head), and rows match the single-node run byte for byte. (Which node translates
-    how many of the 10 windows depends on which actor starts first, ~10-40 s each on this box; the long plan
-    of the node-added test shows both nodes translating.)"""
-    reference, rows = uninterrupted
-    a, b = worker_nodes.add(slots=1), worker_nodes.add(slots=1)
-    cfg = config(tiny_cache, f"{s3_bucket}/runs", s3_server["endpoint_url"],
-                 *on_slots("synthesis.min_actors=2", "synthesis.max_actors=2"))
-    summary = run(cfg)
-    assert summary["plan_hash"] == reference["plan_hash"] and summary["written"] == TOTAL
-    calls = translator_calls(ids(a, b))
-    assert sum(calls.values()) >= FILES, calls  # every window, all on the worker nodes
-    assert read_rows(Storage.from_config(cfg), summary["output"]).equals(rows)
-
-
-@pytest.mark.s3
 def test_killing_a_worker_node_mid_stream_loses_no_row(uninterrupted, worker_nodes, tiny_cache, s3_server,
                                                       s3_bucket):
-    """Two one-slot nodes, one Translator on each. While a node is translating a window, it is SIGKILLed with
-    everything on it (actor, object store, queued windows) and a replacement node joins, as an autoscaling
-    group replaces a reclaimed spot node. The lost window fails on the dead node (Ray's task records say so)
-    and is retried on a surviving Translator (Ray Data restarts the lost actor where a slot is free); every
-    planned row is committed exactly once with the bytes of an uninterrupted run."""
+    """Two one-slot nodes, a pool of two Translators asking for a slot (so one on each). While a node is
+    translating a window, it is SIGKILLed with everything on it (actor, object store, queued windows) and a
+    replacement node joins, as an autoscaling group replaces a reclaimed spot node. The lost window fails on the
+    dead node (Ray's task records say so) and is retried on a surviving Translator (Ray Data restarts the lost
+    actor where a slot is free); every window is translated on the worker nodes (none on the head), and every
+    planned row is committed exactly once with the bytes of the uninterrupted single-node run."""
     reference, rows = uninterrupted
     a, b = worker_nodes.add(slots=1), worker_nodes.add(slots=1)
     out = f"{s3_bucket}/set"
@@ -145,6 +129,7 @@ def test_killing_a_worker_node_mid_stream_loses_no_row(uninterrupted, worker_nod
     survivor = b if victim is a else a
     assert translator_calls({victim.node_id}, state="FAILED")[victim.node_id] > 0  # a window died with the node
     assert sum(translator_calls(ids(survivor, replacement)).values()) > 0
+    assert sum(translator_calls(ids(a, b, replacement)).values()) >= FILES  # every window, on worker nodes
     worker_nodes.wait_dead(victim)
 
 
