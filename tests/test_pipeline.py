@@ -25,7 +25,7 @@ def reduced(tmp_path, name: str) -> list[str]:
 
 
 def test_demo_comparison_writes_a_complete_report(ray_session, tmp_path):
-    config = load_config(DEMO_CONFIG, reduced(tmp_path, "demo") + ["demo.methods=[real-only, diff-mix]", "demo.seeds=[0, 1]"])
+    config = load_config(DEMO_CONFIG, reduced(tmp_path, "demo") + ["demo.methods=[real-only, diff-mix]", "demo.seeds=[0]"])
     summary = run_demo(config)
     report = summary["report"]
     text = open(report).read()
@@ -35,7 +35,8 @@ def test_demo_comparison_writes_a_complete_report(ray_session, tmp_path):
         path = os.path.join(os.path.dirname(report), name)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
     assert set(summary["results"]) == {"real-only", "diff-mix"}
-    assert all(len(r["top1"]) == 2 for r in summary["results"].values())  # one classifier per seed
+    assert all(len(r["top1"]) == 1 for r in summary["results"].values())  # one classifier per seed
+    # (two methods' classifiers train at once: demo.concurrent_runs; run_at_most is checked in test_demo.py)
     assert "direction of effect" in text and "synthesize (diff-mix)" in text and "finetune" in text
 
 
