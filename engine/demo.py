@@ -64,15 +64,13 @@ def run_at_most(calls: list[Callable[[], T]], at_once: int) -> list[T]:
         futures = [pool.submit(call) for call in calls]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
-        if failed is not None:
-            for future in futures:
-                future.cancel()
-            raise failed.exception()  # type: ignore[misc]
         return [f.result() for f in futures]
 
 

@@ -46,9 +46,9 @@ def sweep_needs(config: ExperimentConfig, trials: int = 1) -> Needs:
     Train workers and decode task. One trial is the least a sweep needs (Tune runs fewer at once when
     the cluster is short); a local instance is sized for sweep.max_concurrent_trials."""
     one = resource_needs(config)
-    return Needs(cpu=trials * (config.sweep.trial_cpus + one.cpu), gpu=trials * one.gpu, what="sweep",
-                 keys=f"sweep.max_concurrent_trials x (sweep.trial_cpus + {one.keys})",
-                 custom={k: trials * v for k, v in one.custom.items()})
+    trial = Needs(cpu=config.sweep.trial_cpus + one.cpu, gpu=one.gpu, what="sweep",
+                  keys=f"sweep.trial_cpus + {one.keys}", custom=dict(one.custom))
+    return trial.times(trials, "sweep.max_concurrent_trials")
 
 
 def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
