@@ -1,10 +1,10 @@
 """The finetune stage end to end on Ray Train (CPU workers, tiny SD, built-in digits).
 
-Real runs share the work: `ti+db` on two DDP workers (local; loss, stock loading, idempotence, the same
-bytes again with its epochs streamed), `ti` on one worker with an injected worker failure and with a
-stalled store (resume to an uninterrupted run's bytes), and `db` written to the SeaweedFS S3 server (S3
-round trip). One worker where DDP is not the point: each worker process imports torch, diffusers and
-peft (~20 s of CPU on this box).
+Real runs share the work: `ti+db` on two DDP workers with an injected worker failure (local; loss, stock
+loading, idempotence, resume mid-epoch to the bytes of an unbroken run whose epochs are streamed), `ti` on
+one worker with a stalled store (resume to an uninterrupted run's bytes; the artifact holds embeddings only),
+and `db` written to the SeaweedFS S3 server (S3 round trip). One worker where DDP is not the point: each
+worker process imports torch, diffusers and peft (~20 s of CPU on this box).
 """
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ TIDB = ["finetune.steps=12", "finetune.checkpoint_every=6", "finetune.num_worker
 
 @pytest.fixture(scope="module")
 def tidb(ray_session, tmp_path_factory, tiny_cache):
-    """One trained ti+db artifact shared by the tests below."""
+    """One trained ti+db artifact shared by the tests below. Its last worker fails once before step 8, and
+    Ray Train restarts the group from the step-6 checkpoint (mid-epoch); the unbroken
+    run of the same config in test_same_config_writes_byte_identical_adapter_* must give the same bytes."""
     tmp = tmp_path_factory.mktemp("ft-tidb")
-    config = _config(tmp, tiny_cache, "tidb", *TIDB)
+    config = _config(tmp, tiny_cache, "tidb", *TIDB, "finetune.fail_at_step=8", "finetune.max_failures=1")
     summary = run(config)
     return config, summary
 
@@ -68,6 +70,8 @@ def test_tidb_trains_and_writes_the_artifact(tidb):
     config, summary = tidb
     adapter = join(config.run.uri, "adapter")
     assert summary["artifact"] == adapter and not summary["reused"] and summary["steps"] == 12
+    assert (Path(summary["checkpoints"]) / "injected-failure-8").is_file()     # the failure did happen
+    assert summary["resumed_from_step"] == 6                                   # and training went on from 6
     losses = [loss for _, loss in summary["loss_history"]]
     assert [s for s, _ in summary["loss_history"]] == [2, 4, 6, 8, 10, 12]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses  # loss goes down
@@ -132,8 +136,9 @@ def _weight_files(adapter: str) -> dict[str, bytes]:
 
 
 def test_same_config_writes_byte_identical_adapter_streamed_or_inline(tidb, tmp_path, tiny_cache):
-    """Data order, crops, flips, noise, timesteps and the LoRA init all come from the config: a second
-    fine-tune (its epochs decoded by a Ray Data stream this time, not in the worker) writes the same bytes."""
+    """Data order, crops, flips, noise, timesteps and the LoRA init all come from the config, and a resume
+    continues mid-epoch exactly: an unbroken fine-tune of the same config (its epochs decoded by a Ray Data
+    stream this time, not in the worker) writes the bytes of the run that failed and resumed."""
     config, summary = tidb
     again = run(_config(tmp_path, tiny_cache, "tidb", *TIDB, "finetune.inline_rows=0", "finetune.rows_per_task=8"))
     assert not again["reused"] and again["config_hash"] == summary["config_hash"]
@@ -149,31 +154,6 @@ def ti_unbroken(ray_session, tmp_path_factory, tiny_cache):
                        "finetune.steps=6", "finetune.checkpoint_every=2"))
 
 
-def test_worker_failure_resumes_from_checkpoint(ti_unbroken, tmp_path, tiny_cache, caplog):
-    config = _config(tmp_path, tiny_cache, "resume", "finetune.strategy=ti", "finetune.steps=6",
-                     "finetune.checkpoint_every=2", "finetune.fail_at_step=4", "finetune.max_failures=2")
-    caplog.set_level(logging.INFO, logger="engine.finetune")
-    summary = run(config)
-    assert summary["steps"] == 6 and summary["resumed_from_step"] == 2
-    assert [s for s, _ in summary["loss_history"]] == [2, 4, 6]
-    assert "resumed from checkpoint at step 2" in caplog.text
-    assert "adapter artifact at " + summary["artifact"] in caplog.text
-    marker = Path(summary["checkpoints"]) / "injected-failure-4"
-    assert marker.is_file()
-    # the resumed run continues mid-epoch exactly: its embeddings equal an uninterrupted run's, byte for byte
-    assert ti_unbroken["resumed_from_step"] == 0
-    assert _weight_files(ti_unbroken["artifact"]) == _weight_files(summary["artifact"])
-    # ti trains no LoRA: the artifact has embeddings only, and the UNet of a loaded pipeline is the base's
-    info = read_adapter_info(summary["artifact"])
-    assert info.lora_file is None and len(info.embedding_files) == 10
-    base = _base(config)
-    plain, pipe = load_img2img_pipeline(base, device="cpu"), load_img2img_pipeline(base, device="cpu")
-    load_adapter(pipe, summary["artifact"])
-    assert all(torch.equal(v, plain.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
-    vocab = plain.text_encoder.get_input_embeddings().weight
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[: vocab.shape[0]], vocab)
-
-
 def _stall_config(tmp: Path, cache: Path, s3_server, bucket: str, name: str, *overrides: str,
                   max_stall_s: float = 4) -> ExperimentConfig:
     return _config(tmp, cache, name, f"run.output={bucket}/runs", "finetune.strategy=ti", "finetune.steps=6",
@@ -183,7 +163,7 @@ def _stall_config(tmp: Path, cache: Path, s3_server, bucket: str, name: str, *ov
 
 @pytest.mark.s3
 def test_checkpoint_writes_fail_within_bound_on_a_stalled_store_and_a_rerun_resumes(
-        ti_unbroken, tmp_path, tiny_cache, s3_server, s3_bucket):
+        ti_unbroken, tmp_path, tiny_cache, s3_server, s3_bucket, caplog):
     """SeaweedFS paused (SIGSTOP) while Ray Train writes checkpoints there, for longer than the bound: the run
     fails with the checkpoint URI named within it (it used to wait for ever), and a rerun after the store is
     back resumes from the last checkpoint to the same bytes as an uninterrupted local run."""
@@ -203,9 +183,22 @@ def test_checkpoint_writes_fail_within_bound_on_a_stalled_store_and_a_rerun_resu
     assert f"{s3_bucket}/runs/long/finetune-ray" in str(err.value), str(err.value)
     assert took < 2 * 4 + 30, f"failed {took:.1f} s after the store stalled"
     # the rerun must succeed: a bound a loaded box always meets (storage bounds are not in the run key)
+    caplog.set_level(logging.INFO, logger="engine.finetune")
     again = run(_stall_config(tmp_path, tiny_cache, s3_server, s3_bucket, "long", max_stall_s=60))
-    assert again["resumed_from_step"] >= 2
+    assert again["resumed_from_step"] >= 2 and [s for s, _ in again["loss_history"]] == [2, 4, 6]
+    assert f"resumed from checkpoint at step {again['resumed_from_step']}" in caplog.text
+    assert "adapter artifact at " + again["artifact"] in caplog.text
+    assert ti_unbroken["resumed_from_step"] == 0
     assert _weight_files_at(storage, again["artifact"]) == _weight_files(ti_unbroken["artifact"])
+    # ti trains no LoRA: the artifact has embeddings only, and the UNet of a loaded pipeline is the base's
+    info = read_adapter_info(again["artifact"], storage)
+    assert info.lora_file is None and len(info.embedding_files) == 10
+    base = _base(long)
+    plain, pipe = load_img2img_pipeline(base, device="cpu"), load_img2img_pipeline(base, device="cpu")
+    load_adapter(pipe, again["artifact"], storage)
+    assert all(torch.equal(v, plain.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    vocab = plain.text_encoder.get_input_embeddings().weight
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[: vocab.shape[0]], vocab)
 
 
 def _weight_files_at(storage: Storage, adapter: str) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ExperimentConfig, load_config
-from engine.pretrain import PRETRAIN_JSON, PretrainError, run
+from engine.pretrain import PRETRAIN_JSON, PretrainError, run, run_key
 
 
 def _config(tmp: Path, *overrides: str) -> ExperimentConfig:
@@ -47,9 +47,18 @@ def test_pretrain_writes_a_stock_sd_folder_and_reuses_it(ray_session, tmp_path):
 
     again = run(config)
     assert again["reused"] is True and again["key"] == summary["key"]
-    changed = run(_config(tmp_path, "pretrain.steps=2", "pretrain.eval_per_class=0"))  # another key replaces it
-    assert changed["reused"] is False and changed["key"] != summary["key"]
-    assert json.loads((folder / PRETRAIN_JSON).read_text())["key"] == changed["key"]
+    # another config has another key (so its own work folder), and a model folder pre-trained with another
+    # config is replaced; here the finished VAE phase and the denoiser's final checkpoint are kept and reused
+    fingerprint = info["dataset_fingerprint"]
+    assert run_key(_config(tmp_path, "pretrain.steps=2"), fingerprint) != run_key(config, fingerprint) == info["key"]
+    (folder / PRETRAIN_JSON).write_text(json.dumps({**info, "key": "another-config"}))
+    vae_index = tmp_path / "pt" / "pretrain" / summary["key"] / "vae" / "model_index.json"
+    vae_written = vae_index.stat().st_mtime_ns
+    replaced = run(config)
+    assert replaced["reused"] is False and replaced["key"] == summary["key"]
+    assert json.loads((folder / PRETRAIN_JSON).read_text())["key"] == summary["key"]
+    assert vae_index.stat().st_mtime_ns == vae_written                          # phase 1 not trained again
+    assert json.loads((folder / PRETRAIN_JSON).read_text())["loss_history"] == info["loss_history"]
 
 
 @pytest.mark.parametrize("override, words", [

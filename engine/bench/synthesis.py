@@ -50,7 +50,8 @@ def overrides(out: str, cache: str, multiplier: float, resolution: int = 32, bat
     """The benchmark plan, CPU and GPU alike: built-in digits, 2 shots per class (20 train images) as
     references, real-mix (base model, no adapter), T = 25, s in {0.5, 0.7, 0.9}, guidance 7.5, one
     strength per batch and one batch per file (many files: the steady rate is read over most of the run).
-    Defaults: tiny SD at 32 px on CPU."""
+    No set metrics (CLIP Frechet/diversity, a second stream after the set is complete): what is measured is
+    generation, as in the bare loops it is compared with. Defaults: tiny SD at 32 px on CPU."""
     return [
         f"run.output={out}", f"model.cache_dir={cache}", f"model.resolution={resolution}",
         "dataset.subset.kind=few_shot", "dataset.subset.shots=2",
@@ -58,7 +59,7 @@ def overrides(out: str, cache: str, multiplier: float, resolution: int = 32, bat
         f"synthesis.num_inference_steps={STEPS}", "synthesis.guidance_scale=7.5", f"synthesis.resolution={resolution}",
         f"synthesis.num_gpus_per_actor={gpus_per_actor:g}", f"synthesis.batch_size={batch}",
         f"synthesis.strength_run={batch}", f"synthesis.rows_per_file={batch}",
-        f"synthesis.clip_batch_size={clip_batch or batch}", "synthesis.log_every_s=10",
+        f"synthesis.clip_batch_size={clip_batch or batch}", "synthesis.log_every_s=10", "metrics.enabled=false",
     ]
 
 

@@ -164,23 +164,27 @@ def test_small_epochs_decoded_in_the_worker_hold_the_same_rows(ray_session, tmp_
 
 
 def test_augmentations_follow_the_epoch_seed(ray_session, tmp_path, digits):
-    """Crops come from the epoch's generator (per-task seeds): the same seed gives the same pixels through
-    the Ray Data stream, in whatever order its tasks finish; another seed gives other crops."""
+    """Crops and flips come from the epoch's generator (per-task seeds): the same seed gives the same batches,
+    in the same order, through the Ray Data stream, in whatever order its tasks finish (so two trainings of
+    one config see the same data); another seed gives other crops."""
     write_set(str(tmp_path / "syn"), digits)
     selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, True, 0.4)
     blocks = put_blocks(digits.train, 32)
     share = worker_share(epoch_plan(digits.train.num_rows, len(selection), 0.4, seed=0, epoch=1), len(selection), 0, 1)
+    settings = replace(SETTINGS, hflip=True)
 
-    def pixels(seed: int) -> list[tuple[int, bytes]]:
-        ds = epoch_dataset(blocks, selection, share, Storage(), SETTINGS, np.random.default_rng(seed))
-        return sorted((int(i), x.tobytes()) for b in epoch_batches(share, ds, 16, seed=5)
-                      for i, x in zip(b["index"].numpy(), b["x"].numpy()))
+    def batches(seed: int) -> list[list[tuple[int, bytes, bytes]]]:
+        ds = epoch_dataset(blocks, selection, share, Storage(), settings, np.random.default_rng(seed))
+        assert not isinstance(ds, InlineEpoch)                            # several Ray Data tasks (32 rows each)
+        return [[(int(i), x.tobytes(), y.tobytes()) for i, x, y in zip(b["index"].numpy(), b["x"].numpy(),
+                                                                        b["y"].numpy())]
+                for b in epoch_batches(share, ds, 16, seed=5)]
 
-    first = pixels(7)
-    assert pixels(7) == first
-    other = pixels(8)
-    assert [i for i, _ in other] == [i for i, _ in first]             # the same rows ...
-    assert other != first                                             # ... cropped differently
+    first = batches(7)
+    assert batches(7) == first                                        # batch for batch, row for row
+    other = batches(8)
+    assert sorted(r[0] for b in other for r in b) == sorted(r[0] for b in first for r in b)  # the same rows ...
+    assert sorted(r[:2] for b in other for r in b) != sorted(r[:2] for b in first for r in b)  # ... cropped otherwise
 
 
 def test_p_zero_reads_no_shard(ray_session, tmp_path, digits):

@@ -82,12 +82,14 @@ def test_cutmix_from_a_second_batch_pastes_its_box_and_mixes_by_area():
 
 
 def test_cmo_drw_preset_run(ray_session, tmp_path):
-    """The `cmo+drw` preset on a long-tail miniature: CMO pastes in its window, DRW weighs the last epochs."""
+    """The `cmo+drw` preset on a long-tail miniature: CMO pastes in its window, DRW weighs the last epochs, and
+    the run reports accuracy per many/medium/few-shot bucket."""
     config = load_config(None, [
         f"run.output={tmp_path}", "preset=cmo+drw", "classify.backbone=small_cnn", "classify.resolution=32",
         "classify.batch_size=32", "classify.cpus_per_worker=0.5", "classify.epochs=3", "classify.eval_every=3",
         "classify.cmo_start_after=0", "classify.cmo_end_before=1", "classify.drw_from=0.5",
-        "classify.rows_per_task=256", "dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=10"])
+        "classify.rows_per_task=256", "dataset.subset.kind=long_tail", "dataset.subset.imbalance_factor=10",
+        "classify.many_shot_threshold=60", "classify.few_shot_threshold=20"])
     assert config.classify.cmo_prob == 0.5 and config.classify.p == 0 and config.preset == "cmo+drw"
     inputs = prepare_inputs(config, load_dataset(config))
     assert sorted(set(inputs.train_labels)) == list(range(10)) and len(inputs.train_labels) == inputs.num_train
@@ -97,3 +99,4 @@ def test_cmo_drw_preset_run(ray_session, tmp_path):
     assert history[2]["cmo_batches"] > 0                                       # p 0.5 over 2 batches, seeded
     assert [history[e]["drw"] for e in (1, 2, 3)] == [False, True, True]
     assert summary["metrics"]["top1"] > 0.1
+    assert {"acc_many", "acc_medium", "acc_few"} <= set(summary["metrics"])  # the long-tail buckets, from the run
