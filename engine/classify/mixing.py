@@ -278,7 +278,8 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     Spreading the synthetic reads over the real blocks' tasks keeps the task count of a p = 0 epoch
     (task overhead dominates small images), spreads the GET latency, and mixes both kinds in every
     task's output. (A `read_parquet` stream would add seconds of per-epoch listing and planning.)
-    Rows come out as x (uint8 NHWC), y (soft targets) and index (plan index; -1 for real rows).
+    Rows come out as x (uint8 NHWC), y (soft targets) and index (plan index; -1 for real rows), in task
+    order whatever order the tasks finish in: the batches (and so the weights) follow from the seed alone.
     """
     import ray.data
 
@@ -294,12 +295,14 @@ def epoch_dataset(blocks: list[Block], selection: SyntheticSelection, share: Wor
     if len(share) <= settings.inline_rows:
         return InlineEpoch(lambda: load_work(pa.concat_tables(tables), [b.ref for b in blocks], share.real_counts,
                                              storage, selection.index, share.synthetic_counts, settings))
-    return ray.data.from_arrow(tables).map_batches(
+    ds = ray.data.from_arrow(tables).map_batches(
         load_work, batch_format="pyarrow", batch_size=None, num_cpus=settings.data_cpus,
         fn_kwargs={"blocks": [b.ref for b in blocks], "real_counts": share.real_counts, "storage": storage,
                    "selected_index": selection.index, "synthetic_counts": share.synthetic_counts,
                    "settings": settings},
     )
+    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the process's context
+    return ds
 
 
 def eval_dataset(blocks: list[Block], rank: int, world: int, group_ids: list[int], resolution: int, crop: float,

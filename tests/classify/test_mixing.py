@@ -166,7 +166,8 @@ def test_small_epochs_decoded_in_the_worker_hold_the_same_rows(ray_session, tmp_
 def test_augmentations_follow_the_epoch_seed(ray_session, tmp_path, digits):
     """Crops and flips come from the epoch's generator (per-task seeds): the same seed gives the same batches,
     in the same order, through the Ray Data stream, in whatever order its tasks finish (so two trainings of
-    one config see the same data); another seed gives other crops."""
+    one config see the same data; the epoch's dataset keeps input order itself, in this test process as in a
+    Train worker); another seed gives other crops."""
     write_set(str(tmp_path / "syn"), digits)
     selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, True, 0.4)
     blocks = put_blocks(digits.train, 32)
