@@ -77,10 +77,11 @@ def run_at_most(calls: list[Callable[[], T]], at_once: int) -> list[T]:
 def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, dict[str, Any]]
                   ) -> tuple[list[ResultRow], list[dict[str, Any]]]:
     """One classifier per method and seed, `demo.concurrent_runs` at a time."""
+    p = {method: 0.0 if method == "real-only" else config.classify.p for method in methods}
     runs: list[tuple[str, ExperimentConfig]] = []
     for method in methods:
         for seed in config.demo.seeds:
-            fields: dict[str, Any] = {"p": 0.0 if method == "real-only" else config.classify.p, "seed": seed}
+            fields: dict[str, Any] = {"p": p[method], "seed": seed}
             if method != "real-only":
                 fields["synthetic"] = sets[method]["output"]
             runs.append((method, with_overrides(config, classify=fields)))
@@ -88,8 +89,7 @@ def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, 
     rows = []
     for method in methods:
         top1 = [float(s["metrics"]["top1"]) for (m, _), s in zip(runs, summaries) if m == method]
-        rows.append(ResultRow(method, "-" if method == "real-only" else method,
-                              0.0 if method == "real-only" else config.classify.p,
+        rows.append(ResultRow(method, "-" if method == "real-only" else method, p[method],
                               None if method == "real-only" else config.classify.gamma, top1))
     return rows, summaries
 

@@ -20,15 +20,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# Ray Train's controller polls workers every 2 s and each report() waits for that poll; tests' epochs
-# and steps take far less, so poll often (engine.ray_local.LOCAL_TRAIN_POLL_S, as the demo does).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-# and no preemption watcher (an actor process per Train run polling for draining nodes), as on any local
-# instance (engine.ray_local.local_train_env): no test drains a node (node loss here is a SIGKILL), and on 2
-# cores each such process costs seconds of CPU that the suite is short of.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+from engine.ray_local import local_train_env  # noqa: E402
 from engine.testing.s3server import CLIENT_ENV, free_port, start_s3_server  # noqa: E402
+
+# The test cluster is a local instance like the demo's, with the same Ray Train settings: a frequent poll
+# (tests' epochs and steps take far less than the default 2 s) and no preemption watcher (no test drains a
+# node: node loss here is a SIGKILL). Set before any Ray node starts, so its processes inherit them.
+local_train_env()
 
 # S3 credentials live in the environment, as on a real cluster, and are set before any Ray node
 # starts so that Ray workers inherit them too. The endpoint goes through `storage.storage_options`.
