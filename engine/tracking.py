@@ -14,6 +14,7 @@ import glob
 import logging
 import numbers
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -89,9 +90,11 @@ class Tracker:
                 self.storage.write_bytes(join(self.run_uri, TENSORBOARD_DIR, name), fh.read())
 
     def close(self) -> None:
+        """Copies the last events out and removes the local folder (a long-lived node runs many of these)."""
         if self.tb is not None:
             self.tb.close()
             self._copy_out()
+            shutil.rmtree(self.local, ignore_errors=True)
         if self.mlflow is not None:
             self.mlflow.end_run()
 

@@ -17,6 +17,7 @@ def test_tensorboard_events_are_copied_whole_into_the_run_folder(tmp_path):
     tracker.log({"train_loss": 0.5}, 2)                                   # visible before close
     tracker.close()
     assert read_scalars(os.path.join(run, "tensorboard"))["train_loss"] == [(1, 0.75), (2, 0.5)]
+    assert not os.path.exists(tracker.local)                              # no folder left in the node's /tmp
     off = Tracker(TrackingConfig(tensorboard=False), str(tmp_path / "off"), Storage(), "x")
     off.log({"loss": 1.0}, 1)
     off.close()
