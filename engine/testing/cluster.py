@@ -172,6 +172,14 @@ class WorkerNodes:
         if wait_dead:
             self.wait_dead(node)
 
+    def freeze(self, node: WorkerNode) -> None:
+        """SIGSTOP the node's process group: nothing on it runs or reports until `thaw` (or `kill`), so a test
+        can read what the node holds at this instant before deciding to kill it."""
+        _signal_group(node.proc, signal.SIGSTOP)
+
+    def thaw(self, node: WorkerNode) -> None:
+        _signal_group(node.proc, signal.SIGCONT)
+
     def wait_dead(self, node: WorkerNode) -> None:
         """Until the head's node table says the node is gone (its health checks noticed)."""
         def gone() -> bool:
@@ -183,6 +191,7 @@ class WorkerNodes:
     def stop(self, node: WorkerNode) -> None:
         """A graceful stop (SIGINT, what `--block` treats as stop): the node unregisters at once."""
         if node.proc.poll() is None:
+            _signal_group(node.proc, signal.SIGCONT)  # a frozen node would not act on SIGINT
             _signal_group(node.proc, signal.SIGINT)
             try:
                 node.proc.wait(timeout=20)

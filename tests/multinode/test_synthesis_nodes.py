@@ -8,6 +8,7 @@ they run only on worker nodes, on CPU with the tiny offline models (32 px, T = 4
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from engine.testing.s3server import S3_ACCESS_KEY, S3_SECRET_KEY
 TOTAL, FILES = 40, 10
 TRANSLATOR = "Translator"  # Ray Data names the pool's actor and its tasks after the class
 WINDOW_CALL = f"MapBatches({TRANSLATOR})).submit"  # one per window translated (not __init__ or get_location)
+FLUSH_S = 1.5  # > Ray's task-event report interval (1 s): the records of live processes are current after it
 
 
 def config(tiny_cache: Path, output: str, endpoint: str, *extra: str) -> ExperimentConfig:
@@ -71,6 +73,15 @@ def windows_running() -> set[str]:
             if (t.name or "").endswith(WINDOW_CALL) and t.node_id}
 
 
+def windows_in_flight(node_id: str) -> int:
+    """Window attempts sent to the node's Translator that Ray has not seen end (running or queued on it)."""
+    from ray.util.state import list_tasks
+
+    return sum(1 for t in list_tasks(filters=[("node_id", "=", node_id)], detail=True, limit=10_000,
+                                     raise_on_missing_output=False)
+               if (t.name or "").endswith(WINDOW_CALL) and t.state not in ("FINISHED", "FAILED"))
+
+
 def translator_states() -> set[str]:
     """States of the Translator actors now (PENDING_CREATION: waiting for a node with the resources)."""
     from ray.util.state import list_actors
@@ -96,8 +107,8 @@ def uninterrupted(ray_session, tiny_cache, s3_server):
 def test_killing_a_worker_node_mid_stream_loses_no_row(uninterrupted, worker_nodes, tiny_cache, s3_server,
                                                       s3_bucket):
     """Two one-slot nodes, a pool of two Translators asking for a slot (so one on each). While a node is
-    translating a window, it is SIGKILLed with everything on it (actor, object store, queued windows) and a
-    replacement node joins, as an autoscaling group replaces a reclaimed spot node. The lost window fails on the
+    holding a window (frozen, then checked: `frozen_holding_a_window`), it is SIGKILLed with everything on it
+    (actor, object store, queued windows) and a replacement node joins, as an autoscaling group replaces a reclaimed spot node. The lost window fails on the
     dead node (Ray's task records say so) and is retried on a surviving Translator (Ray Data restarts the lost
     actor where a slot is free); every window is translated on the worker nodes (none on the head), and every
     planned row is committed exactly once with the bytes of the uninterrupted single-node run."""
@@ -108,14 +119,24 @@ def test_killing_a_worker_node_mid_stream_loses_no_row(uninterrupted, worker_nod
                  *on_slots("synthesis.min_actors=2", "synthesis.max_actors=2"))
     storage = Storage.from_config(cfg)
     job = Background(lambda: run(cfg))
-    busy: set[str] = set()
+    chosen: list[WorkerNode] = []
 
-    def translating() -> bool:
-        busy.update(windows_running() & ids(a, b))
-        return bool(busy)
+    def frozen_holding_a_window() -> bool:
+        """A node Ray's records show translating is frozen, and kept frozen only if, once the driver's own
+        task records have caught up (they flush every second; the node can finish nothing meanwhile), it
+        still holds a window: a running window's record can lag its end by up to that second."""
+        running = windows_running()
+        for node in (n for n in (a, b) if n.node_id in running):
+            worker_nodes.freeze(node)
+            time.sleep(FLUSH_S)
+            if windows_in_flight(node.node_id):
+                chosen.append(node)
+                return True
+            worker_nodes.thaw(node)
+        return False
 
-    wait_until(translating, job, "a worker node translating a window", timeout=300, poll_s=0.2)
-    victim = a if a.node_id in busy else b
+    wait_until(frozen_holding_a_window, job, "a worker node holding a window", timeout=300, poll_s=0.2)
+    victim = chosen[0]
     committed_at_kill = len(committed_files(storage, out)) if storage.exists(out) else 0
     worker_nodes.kill(victim)
     replacement = worker_nodes.add(slots=1)
