@@ -13,14 +13,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+from engine.ports import free_port
 
 log = logging.getLogger(__name__)
 
 # Ray Train's controller polls each worker every 2 s by default and every report() waits for the poll,
 # which dominates small local runs (epochs of a second); a local cluster started here polls faster.
 LOCAL_TRAIN_POLL_S = "0.1"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # ray._private.ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE
 
 
 class ResourceError(RuntimeError):
@@ -70,11 +74,19 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def running_cluster() -> str | None:
+    """The cluster a bare `ray.init()` joins: RAY_ADDRESS, else the last `ray start` on this machine (the
+    address Ray keeps in its temp folder's ray_current_cluster); None when it would start its own."""
+    from ray._private.services import get_ray_address_from_environment
+
+    return get_ray_address_from_environment(None, None)
+
+
 def joins_cluster() -> bool:
     """True when this process is (or will be) on an existing cluster rather than a local one of its own."""
     import ray
 
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    return ray.is_initialized() or running_cluster() is not None
 
 
 def local_train_env() -> None:
@@ -86,11 +98,36 @@ def local_train_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+@contextmanager
+def own_address(init_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`ray.init` kwargs for a local instance whose processes know its address (`RAY_ADDRESS`, in the job's
+    runtime_env): the GCS port is chosen here (Ray reads RAY_GCS_SERVER_PORT when it starts a head).
+
+    Why: Ray code in workers that finds its cluster by address lookup (the state API; e.g. Ray Train's
+    PlacementGroupCleaner, which frees the worker group of a Train run whose controller was killed, as Tune
+    kills an ASHA-stopped trial) fails with "Found multiple active Ray instances" when another Ray runs on the
+    machine, and the freed CPUs never come back."""
+    port = free_port()
+    address = f"{init_kwargs.get('_node_ip_address') or '127.0.0.1'}:{port}"
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {"RAY_ADDRESS": address, **(runtime_env.get("env_vars") or {})}
+    kwargs = {**init_kwargs, "runtime_env": runtime_env, "_node_ip_address": address.split(":")[0]}
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        yield kwargs
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
+
+
 def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False, size_for: Needs | None = None,
                **init_kwargs: Any) -> bool:
-    """Join the running or addressed cluster (RAY_ADDRESS, `ray job submit`), else start a local one with
-    at least `size_for.cpu` (default `needs.cpu`) logical CPUs (more than the cores let fractional tasks of
-    overlapping stages pack); then check that `needs`, the least the job holds at once, fits
+    """Join the running or addressed cluster (RAY_ADDRESS, `ray job submit`, a `ray start` on this machine),
+    else start a local one with at least `size_for.cpu` (default `needs.cpu`) logical CPUs (more than the
+    cores let fractional tasks of overlapping stages pack); then check that `needs`, the least the job holds at once, fits
     (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
     import ray
 
@@ -98,15 +135,18 @@ def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False,
         needs = Needs(float(needs))
     size_for = size_for or needs
     started = False
+    address = None if ray.is_initialized() else running_cluster()
     if ray.is_initialized():
         pass
-    elif os.environ.get("RAY_ADDRESS"):
+    elif address is not None:
+        log.info("joining the Ray cluster at %s", address)
         ray.init()
     else:
         local_train_env()
         cpus = max(local_cpus(), math.ceil(size_for.cpu if size_for else 0))
         log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
-        ray.init(num_cpus=cpus, **init_kwargs)
+        with own_address(init_kwargs) as init_kwargs:
+            ray.init(num_cpus=cpus, **init_kwargs)
         started = True
     if needs is not None:
         check_fits(needs, wait_for_nodes)

@@ -22,7 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from engine.ray_local import local_train_env  # noqa: E402
-from engine.testing.s3server import CLIENT_ENV, free_port, start_s3_server  # noqa: E402
+from engine.ports import free_port  # noqa: E402
+from engine.testing.s3server import CLIENT_ENV, start_s3_server  # noqa: E402
 
 # The test cluster is a local instance like the demo's, with the same Ray Train settings: a frequent poll
 # (tests' epochs and steps take far less than the default 2 s) and no preemption watcher (no test drains a

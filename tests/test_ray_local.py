@@ -1,13 +1,24 @@
 """How stages get Ray: they join a running cluster, size a local one for the whole job, and refuse at once
 to stream into a cluster that can never hold them (its requests would wait forever)."""
+import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from engine.config import load_config
+from engine.ports import free_port
 from engine.ray_local import LOCAL_TRAIN_POLL_S, Needs, ResourceError, check_fits, ensure_ray, joins_cluster, \
     local_train_env
+from engine.testing.cluster import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_running_cluster_is_joined_not_replaced(ray_session):
@@ -94,3 +105,58 @@ def test_needs_of_several_at_once_scale_every_resource_and_name_the_key():
         2, "demo.concurrent_runs")
     assert (two.cpu, two.gpu, two.custom, two.what) == (3.0, 2.0, {"gpu_slot": 2.0}, "classify")
     assert two.keys == "demo.concurrent_runs x (classify.num_workers x classify.cpus_per_worker)"
+
+
+# A stage's Ray as a separate `diffmix` process gets it: ensure_ray, then a task that uses Ray's state API
+# without an address, as Ray's own code in workers does (Ray Train's PlacementGroupCleaner, which frees the
+# worker group of a Train run whose controller was killed, e.g. an ASHA-stopped trial).
+PROBE = """
+import json, ray
+from engine.ray_local import ensure_ray
+started = ensure_ray(1.0, include_dashboard=True, configure_logging=False)
+
+@ray.remote(num_cpus=0)
+def nodes_seen_by_the_state_api():
+    from ray.util.state import list_nodes
+    return len(list_nodes())
+
+print(json.dumps({"started": started, "cpus": ray.cluster_resources().get("CPU"),
+                  "nodes": ray.get(nodes_seen_by_the_state_api.remote())}))
+"""
+
+
+def _probe(env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_ray_start_on_the_machine_is_joined_and_a_local_instance_knows_its_address(ray_session):
+    """With the test cluster running (another Ray instance on this machine, as a user's other work would be):
+    1. a `ray start --head` cluster on the machine (in its own temp folder: RAY_TMPDIR, as a user's /tmp/ray)
+       is joined by a stage run without RAY_ADDRESS, as a bare `ray.init()` joins it (the engine passed its
+       local sizing to `ray.init` and failed with Ray's "When connecting to an existing cluster, num_cpus and
+       num_gpus must not be provided");
+    2. without one, the stage's own local instance, whose workers' state-API calls reach it although other
+       instances run (they failed: "Found multiple active Ray instances"; an ASHA sweep then leaked each
+       stopped trial's placement group and hung)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={free_port()}", "--disable-usage-stats"],
+        env={**env, "RAY_TMPDIR": ray_tmp}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster")),
+                 "`ray start --head` writing its address", 120)
+        joined = _probe({**env, "RAY_TMPDIR": ray_tmp})
+    finally:
+        os.killpg(head.pid, signal.SIGINT)  # what --block treats as stop: exactly this cluster
+        head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert joined == {"started": False, "cpus": 1.0, "nodes": 1}
+    local = _probe(env)
+    assert local["started"] is True and local["nodes"] == 1 and local["cpus"] >= 1

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from engine.testing.s3server import free_port
+from engine.ports import free_port
 
 log = logging.getLogger(__name__)
 

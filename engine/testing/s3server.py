@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from engine.ports import free_port
 
 S3_ACCESS_KEY = "diffmix-test-access"
 S3_SECRET_KEY = "diffmix-test-secret-key"
@@ -41,12 +42,6 @@ def stalling_store_overrides(endpoint_url: str, max_stall_s: float) -> list[str]
             f"client_kwargs: {{endpoint_url: '{endpoint_url}'}}}}",
             "storage.connect_timeout_s=1", "storage.read_timeout_s=1", f"storage.max_stall_s={max_stall_s:g}",
             "storage.retries=1", "storage.retry_wait_s=0.2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
