@@ -107,11 +107,13 @@ def own_address(init_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
     PlacementGroupCleaner, which frees the worker group of a Train run whose controller was killed, as Tune
     kills an ASHA-stopped trial) fails with "Found multiple active Ray instances" when another Ray runs on the
     machine, and the freed CPUs never come back."""
+    import ray
+
     port = free_port()
-    address = f"{init_kwargs.get('_node_ip_address') or '127.0.0.1'}:{port}"
+    address = f"{init_kwargs.get('_node_ip_address') or ray.util.get_node_ip_address()}:{port}"
     runtime_env = dict(init_kwargs.get("runtime_env") or {})
     runtime_env["env_vars"] = {"RAY_ADDRESS": address, **(runtime_env.get("env_vars") or {})}
-    kwargs = {**init_kwargs, "runtime_env": runtime_env, "_node_ip_address": address.split(":")[0]}
+    kwargs = {**init_kwargs, "runtime_env": runtime_env}
     previous = os.environ.get(GCS_PORT_ENV)
     os.environ[GCS_PORT_ENV] = str(port)
     try:
