@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 # Ray Train's controller polls each worker every 2 s by default and every report() waits for the poll,
 # which dominates small local runs (epochs of a second); a local cluster started here polls faster.
 LOCAL_TRAIN_POLL_S = "0.1"
-GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # ray._private.ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE
 
 
 class ResourceError(RuntimeError):
@@ -108,6 +107,7 @@ def own_address(init_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
     kills an ASHA-stopped trial) fails with "Found multiple active Ray instances" when another Ray runs on the
     machine, and the freed CPUs never come back."""
     import ray
+    from ray._private.ray_constants import GCS_PORT_ENVIRONMENT_VARIABLE as GCS_PORT_ENV
 
     port = free_port()
     address = f"{init_kwargs.get('_node_ip_address') or ray.util.get_node_ip_address()}:{port}"
@@ -129,27 +129,26 @@ def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False,
                **init_kwargs: Any) -> bool:
     """Join the running or addressed cluster (RAY_ADDRESS, `ray job submit`, a `ray start` on this machine),
     else start a local one with at least `size_for.cpu` (default `needs.cpu`) logical CPUs (more than the
-    cores let fractional tasks of overlapping stages pack); then check that `needs`, the least the job holds at once, fits
-    (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
+    cores let fractional tasks of overlapping stages pack); then check that `needs`, the least the job holds
+    at once, fits (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
     import ray
 
     if isinstance(needs, (int, float)):
         needs = Needs(float(needs))
     size_for = size_for or needs
     started = False
-    address = None if ray.is_initialized() else running_cluster()
-    if ray.is_initialized():
-        pass
-    elif address is not None:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init()
-    else:
-        local_train_env()
-        cpus = max(local_cpus(), math.ceil(size_for.cpu if size_for else 0))
-        log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
-        with own_address(init_kwargs) as init_kwargs:
-            ray.init(num_cpus=cpus, **init_kwargs)
-        started = True
+    if not ray.is_initialized():
+        address = running_cluster()
+        if address is not None:
+            log.info("joining the Ray cluster at %s", address)
+            ray.init()
+        else:
+            local_train_env()
+            cpus = max(local_cpus(), math.ceil(size_for.cpu if size_for else 0))
+            log.info("starting a local Ray instance (%d logical CPUs; GPUs as Ray detects them)", cpus)
+            with own_address(init_kwargs) as init_kwargs:
+                ray.init(num_cpus=cpus, **init_kwargs)
+            started = True
     if needs is not None:
         check_fits(needs, wait_for_nodes)
     return started
