@@ -147,9 +147,10 @@ def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], ru
     for method, s in sets.items():
         if s.get("written"):
             out.append(StageTiming(f"synthesize ({method})", int(s["written"]), "images", float(s["stage_elapsed_s"])))
-    samples = sum(int(r["metrics"].get("train_rows", 0)) * int(r["metrics"].get("epoch", 0)) for r in runs)
+    trained = [r for r in runs if not r.get("reused")]  # a reused classifier took no training time
+    samples = sum(int(r["metrics"].get("train_rows", 0)) * int(r["metrics"].get("epoch", 0)) for r in trained)
     if samples and classify_s:
-        out.append(StageTiming(f"classify ({len(runs)} runs, {min(at_once, len(runs))} at a time)", samples,
+        out.append(StageTiming(f"classify ({len(trained)} runs, {min(at_once, len(trained))} at a time)", samples,
                                "samples", classify_s))
     return out
 

@@ -218,15 +218,50 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3_bucket(s3_server) -> str:
-    """A fresh bucket URI per test."""
+def _new_bucket(s3_server) -> str:
     import s3fs
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket URI per test."""
+    return _new_bucket(s3_server)
+
+
+@pytest.fixture(scope="session")
+def unbroken_classifier(ray_session, s3_server) -> dict:
+    """A classifier trained without faults over a synthetic set on S3 (30 short epochs on 5 shots a class),
+    shared by the tests that fault a run of the same settings (a stalled store, a lost node) and compare the
+    resumed run with it: `overrides` (with the store's keys), `synthetic` (the set's URI) and `metrics`.
+    Inputs are prepared again by each test: object refs do not outlive a test's driver job."""
+    from engine.classify.train import fit, prepare_inputs
+    from engine.config import load_config
+    from engine.data import load_dataset
+    from engine.storage import Storage
+    from engine.testing.s3server import stalling_store_overrides
+    from engine.testing.synthetic import write_synthetic_set
+
+    bucket = _new_bucket(s3_server)
+    syn = f"{bucket}/syn"
+    # a bound a loaded 2-core box always meets; storage bounds do not change what is trained
+    patient = stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=60)
+    overrides = [f"run.output={bucket}/runs", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
+                 "classify.backbone=small_cnn", "classify.resolution=32", "classify.batch_size=32",
+                 "classify.cpus_per_worker=0.5", "classify.crop_scale_min=0.6", "classify.hflip=true",
+                 "classify.learning_rate=0.05", "classify.warmup_epochs=1", "classify.rows_per_task=256",
+                 "classify.epochs=30", "classify.eval_every=30", "classify.p=0.5", f"classify.synthetic={syn}",
+                 *patient]
+    config = load_config(None, overrides)
+    digits = load_dataset(config)
+    write_synthetic_set(syn, Storage.from_config(config), digits.class_names, digits.train.column("image").to_pylist(),
+                        digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=25)
+    metrics = fit(config, prepare_inputs(config, digits), output=f"{bucket}/unbroken")["metrics"]
+    return {"overrides": overrides, "synthetic": syn, "metrics": metrics}
 
 
 @pytest.fixture

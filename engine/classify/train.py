@@ -4,7 +4,8 @@
 `TorchTrainer`, and writes `metrics.json` under the run folder. `fit(...)` is the same minus
 dataset loading, so Tune trials reuse the driver's tables (see `engine.classify.tune`).
 Checkpoints go to `<output>/train` through Ray Train; a rerun with the same output, or a worker
-restart after a failure, resumes from the latest one (`ray.train.get_checkpoint()`).
+restart after a failure, resumes from the latest one (`ray.train.get_checkpoint()`); `run` returns a
+finished run's summary without starting Train (`finished_run`).
 """
 from __future__ import annotations
 
@@ -178,14 +179,40 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
 
 
+def finished_run(config: ExperimentConfig, inputs: Inputs, storage: Storage) -> dict[str, Any] | None:
+    """The summary a finished run of this config wrote, when it trained on these inputs to the last epoch.
+
+    A rerun (a pipeline or demo run again after a later stage failed) then costs no Train worker group,
+    which would only restore the last checkpoint to report it again."""
+    output = output_uri(config)
+    path = join(output, METRICS_FILE)
+    if not storage.exists(path):
+        return None
+    summary = json.loads(storage.read_text(path))
+    cfg = config.classify
+    synthetic = resolve_synthetic(config, storage) if cfg.p > 0 else None
+    same = (summary.get("classify") == cfg.model_dump(mode="json") and summary.get("synthetic") == synthetic
+            and summary.get("num_train") == inputs.num_train and summary.get("class_names") == inputs.class_names
+            and summary.get("metrics", {}).get("epoch") == cfg.epochs)
+    return summary if same else None
+
+
 def run(config: ExperimentConfig) -> dict[str, Any]:
-    """Stage entry (`diffmix classify`): load the dataset, train, write metrics.json."""
+    """Stage entry (`diffmix classify`): load the dataset, train, write metrics.json; a finished run of the
+    same config and inputs is reused (`"reused": true`)."""
     from engine.data import load_dataset
 
     ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
     storage = Storage.from_config(config)
     dataset = load_dataset(config, storage)
-    return fit(config, prepare_inputs(config, dataset))
+    inputs = prepare_inputs(config, dataset)
+    done = finished_run(config, inputs, storage)
+    if done is not None:
+        log.info("classify already done for this config: top1 %.4f after %s epochs (%s)",
+                 done["metrics"].get("top1", float("nan")), done["metrics"].get("epoch"),
+                 redact(join(done["output"], METRICS_FILE)))
+        return {**done, "reused": True}
+    return {**fit(config, inputs), "reused": False}
 
 
 # --- worker side ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.classify.train import fit, prepare_inputs, run
+from engine.classify.train import finished_run, fit, prepare_inputs, run
 from engine.cli import resolve_stage
 from engine.config import load_config
 from engine.data import load_dataset
@@ -34,9 +34,10 @@ def test_two_workers_beat_chance_and_resume_after_a_worker_failure(ray_session, 
     write_synthetic_set(syn, Storage(), digits.class_names, digits.train.column("image").to_pylist(),
                         digits.train.column("label").to_pylist(), num_rows=600, rows_per_file=50,
                         clip_threshold=0.1)
-    config = load_config(None, [f"run.output={tmp_path}", *FAST, "classify.epochs=3", "classify.eval_every=3",
-                                "classify.p=0.3", f"classify.synthetic={syn}", "classify.num_workers=2",
-                                "classify.fail_at_epoch=2", "classify.max_failures=1"])
+    overrides = [f"run.output={tmp_path}", *FAST, "classify.epochs=3", "classify.eval_every=3", "classify.p=0.3",
+                 f"classify.synthetic={syn}", "classify.num_workers=2", "classify.fail_at_epoch=2",
+                 "classify.max_failures=1"]
+    config = load_config(None, overrides)
     summary = run(config)
     metrics, out = summary["metrics"], tmp_path / "run" / "classify" / summary["output"].rsplit("/", 1)[-1]
     assert (out / ".fail_at_epoch_2").exists()                             # the failure did happen
@@ -52,11 +53,16 @@ def test_two_workers_beat_chance_and_resume_after_a_worker_failure(ray_session, 
     assert [step for step, _ in curves["train_loss"]] == [1, 2, 3] and curves["top1"][-1][1] == pytest.approx(
         metrics["top1"])
     assert resolve_stage("classify") is run
-    # a rerun of the finished run resumes from its last checkpoint and trains nothing
-    checkpoints = sorted(p.name for p in (out / "train").glob("checkpoint_*"))
-    again = run(config)["metrics"]
-    assert again["epoch"] == 3 and again["top1"] == metrics["top1"]
-    assert sorted(p.name for p in (out / "train").glob("checkpoint_*")) == checkpoints
+    # a rerun of the finished run reuses its summary: no Train worker group, nothing trained or written
+    assert summary["reused"] is False
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run(config)
+    assert again["reused"] is True and again["metrics"] == metrics and again["output"] == summary["output"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+    # nor is it the finished run for other train rows (a dataset that changed under the same config)
+    fewer = load_dataset(load_config(None, [*overrides, "dataset.subset.kind=few_shot", "dataset.subset.shots=2"]))
+    assert finished_run(config, prepare_inputs(config, digits), Storage()) is not None
+    assert finished_run(config, prepare_inputs(config, fewer), Storage()) is None
 
 
 def test_run_rejects_a_synthetic_set_with_other_classes(ray_session, tmp_path):
@@ -74,26 +80,15 @@ def test_run_rejects_a_synthetic_set_with_other_classes(ray_session, tmp_path):
 
 @pytest.mark.s3
 def test_shard_reads_fail_within_bound_on_a_stalled_store_and_a_rerun_matches(ray_session, tmp_path, s3_server,
-                                                                               s3_bucket):
+                                                                               unbroken_classifier):
     """The synthetic set lives on SeaweedFS; it is paused (SIGSTOP) mid-training for longer than the bound.
     The run fails with the shard's URI named within the bound (each epoch reads shards), and a rerun after
-    the store is back resumes from its last checkpoint to the same loss and accuracy as an unbroken run."""
-    # the runs that must succeed get a bound a loaded 2-core box always meets (one GET of the unbroken run
-    # once took > 4 s in CI); storage bounds do not change what is trained, so the three runs still match
+    the store is back resumes from its last checkpoint to the same loss and accuracy as an unbroken run
+    (the session's `unbroken_classifier`, same settings; storage bounds do not change what is trained)."""
     stall = stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=4)
-    patient = stalling_store_overrides(s3_server["endpoint_url"], max_stall_s=60)
-    base = load_config(None, [f"run.output={tmp_path}", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
-                              *patient])
-    digits = load_dataset(base)
-    syn = f"{s3_bucket}/syn"
-    write_synthetic_set(syn, Storage.from_config(base), digits.class_names, digits.train.column("image").to_pylist(),
-                        digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=25)
-    common = [f"run.output={tmp_path}", *FAST, "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
-           "classify.epochs=30", "classify.eval_every=30", "classify.p=0.5", f"classify.synthetic={syn}",
-           "classify.max_failures=0", "classify.hflip=true"]
-    config, tight = load_config(None, [*common, *patient]), load_config(None, [*common, *stall])
+    common, syn = [*unbroken_classifier["overrides"], "classify.max_failures=0"], unbroken_classifier["synthetic"]
+    config, tight = load_config(None, common), load_config(None, [*common, *stall])
     inputs = prepare_inputs(config, load_dataset(config))
-    unbroken = fit(config, inputs, output=str(tmp_path / "unbroken"))["metrics"]
 
     out = tmp_path / "stalled"
     job = Background(lambda: fit(tight, inputs, output=str(out)))
@@ -109,4 +104,5 @@ def test_shard_reads_fail_within_bound_on_a_stalled_store_and_a_rerun_matches(ra
     assert took < 4 + 30, f"failed {took:.1f} s after the store stalled"
     again = fit(config, inputs, output=str(out))["metrics"]
     assert again["resumed_from_epoch"] >= 1 and again["epoch"] == 30
+    unbroken = unbroken_classifier["metrics"]
     assert {k: again[k] for k in ("train_loss", "top1")} == {k: unbroken[k] for k in ("train_loss", "top1")}

@@ -21,7 +21,6 @@ from engine.storage import Storage
 from engine.testing.background import Background, wait_until
 from engine.testing.cluster import GPU_SLOT, WorkerNode, WorkerNodes
 from engine.testing.s3server import stalling_store_overrides
-from engine.testing.synthetic import write_synthetic_set
 
 TRAIN_WORKER = "RayTrainWorker"
 
@@ -92,32 +91,22 @@ def test_finetune_resumes_on_the_surviving_node(worker_nodes, tiny_cache, s3_ser
 
 
 @pytest.mark.s3
-def test_classify_resumes_on_the_surviving_node(worker_nodes, s3_server, s3_bucket):
+def test_classify_resumes_on_the_surviving_node(worker_nodes, s3_server, s3_bucket, unbroken_classifier):
     """One Train worker on one of two one-slot nodes, reading synthetic shards from S3 every epoch; its node
     is killed after a checkpoint: the run resumes on the other node to the loss and accuracy of an
-    uninterrupted run."""
+    uninterrupted run (the session's `unbroken_classifier`, same settings)."""
     a, b = worker_nodes.add(slots=1), worker_nodes.add(slots=1)
-    common = [f"run.output={s3_bucket}/runs", "dataset.subset.kind=few_shot", "dataset.subset.shots=5",
-              "classify.backbone=small_cnn", "classify.resolution=32", "classify.batch_size=32",
-              "classify.cpus_per_worker=0.5", "classify.crop_scale_min=0.6", "classify.hflip=false",
-              "classify.warmup_epochs=1", "classify.rows_per_task=256", "classify.epochs=30",
-              "classify.eval_every=30", "classify.p=0.5", f"classify.synthetic={s3_bucket}/syn",
-              "classify.max_failures=2", *s3(s3_server)]
-    reference_cfg = load_config(None, common)
-    digits = load_dataset(reference_cfg)
-    storage = Storage.from_config(reference_cfg)
-    write_synthetic_set(f"{s3_bucket}/syn", storage, digits.class_names, digits.train.column("image").to_pylist(),
-                        digits.train.column("label").to_pylist(), num_rows=100, rows_per_file=25)
-    inputs = prepare_inputs(reference_cfg, digits)
-    reference = fit(reference_cfg, inputs, output=f"{s3_bucket}/reference")["metrics"]
-
-    cfg = load_config(None, [*common, f"classify.worker_resources={{{GPU_SLOT}: 1}}"])
+    cfg = load_config(None, [*unbroken_classifier["overrides"], "classify.max_failures=2",
+                             f"classify.worker_resources={{{GPU_SLOT}: 1}}"])
+    storage = Storage.from_config(cfg)
+    inputs = prepare_inputs(cfg, load_dataset(cfg))
     out = f"{s3_bucket}/killed"
     job = Background(lambda: fit(cfg, inputs, output=out))
     wait_until(lambda: checkpoint_recorded(storage, f"{out}/train"), job, "a classify checkpoint recorded by Ray Train")
     victim = kill_the_training_node(worker_nodes, [a, b], job)
     metrics = job.join(timeout=300)["metrics"]
     survivor = b if victim is a else a
+    reference = unbroken_classifier["metrics"]
     assert 1 <= metrics["resumed_from_epoch"] < 30 and metrics["epoch"] == 30, metrics
     assert survivor.node_id in train_worker_nodes(alive=False)
     assert {k: metrics[k] for k in ("train_loss", "top1")} == {k: reference[k] for k in ("train_loss", "top1")}
