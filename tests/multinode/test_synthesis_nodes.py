@@ -109,9 +109,10 @@ def test_killing_a_worker_node_mid_stream_loses_no_row(uninterrupted, worker_nod
     """Two one-slot nodes, a pool of two Translators asking for a slot (so one on each). While a node is
     holding a window (frozen, then checked: `frozen_holding_a_window`), it is SIGKILLed with everything on it
     (actor, object store, queued windows) and a replacement node joins, as an autoscaling group replaces a
-    reclaimed spot node. The lost window fails on the dead node (Ray's task records say so) and is retried on a surviving Translator (Ray Data restarts the lost
-    actor where a slot is free); every window is translated on the worker nodes (none on the head), and every
-    planned row is committed exactly once with the bytes of the uninterrupted single-node run."""
+    reclaimed spot node. The lost window fails on the dead node (Ray's task records say so) and is retried on
+    a surviving Translator (Ray Data restarts the lost actor where a slot is free); every window is translated
+    on the worker nodes (none on the head), and every planned row is committed exactly once with the bytes of
+    the uninterrupted single-node run."""
     reference, rows = uninterrupted
     a, b = worker_nodes.add(slots=1), worker_nodes.add(slots=1)
     out = f"{s3_bucket}/set"

@@ -91,7 +91,7 @@ def test_finetune_resumes_on_the_surviving_node(worker_nodes, tiny_cache, s3_ser
 
 
 @pytest.mark.s3
-def test_classify_resumes_on_the_surviving_node(worker_nodes, s3_server, s3_bucket, unbroken_classifier):
+def test_classify_resumes_on_the_surviving_node(worker_nodes, s3_bucket, unbroken_classifier):
     """One Train worker on one of two one-slot nodes, reading synthetic shards from S3 every epoch; its node
     is killed after a checkpoint: the run resumes on the other node to the loss and accuracy of an
     uninterrupted run (the session's `unbroken_classifier`, same settings)."""
