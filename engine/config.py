@@ -91,8 +91,21 @@ class SubsetConfig(Section):
         return self
 
 
+class ScenesConfig(Section):
+    """The built-in scene miniature (`dataset.builtin: scenes`): digits on background families."""
+
+    aligned: float = Field(default=0.9, ge=0, le=1, description="Fraction of each class's train images on "
+                           "its own background family (the rest on the other families; 0.1 is independence). "
+                           "The test split is always independent: every test digit on every family")
+    seed: int = Field(default=0, ge=0, description="Seed of the backgrounds, digit sizes and places")
+
+
 class DatasetConfig(Section):
     source: Literal["builtin", "imagefolder", "parquet"] = "builtin"
+    builtin: Literal["digits", "scenes"] = Field(default="digits", description="Which built-in dataset "
+                                                 "(source: builtin): plain digits, or digits on backgrounds "
+                                                 "correlated with the class in train (dataset.scenes)")
+    scenes: ScenesConfig = Field(default_factory=ScenesConfig)
     uri: str | None = Field(default=None, description="Root URI for imagefolder/parquet sources")
     metaclass: str | None = Field(default=None, min_length=1, description="e.g. bird, car; builtin: digit")
     class_names: list[str] | None = Field(default=None, description="Override/declare class names (parquet)")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import DatasetConfig, ExperimentConfig
-from engine.data import builtin
+from engine.data import builtin, scenes
 from engine.data.dataset import DatasetError, ImageDataset, check_labels, make_index, make_table
 from engine.data.images import BadImageError, decode
 from engine.data.reads import check_uris, walk_many
@@ -256,13 +256,29 @@ def load_parquet(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDatase
 
 # --- built-in --------------------------------------------------------------------------------
 def load_builtin(cfg: DatasetConfig, storage: Storage, seed: int) -> ImageDataset:
-    ids, images, labels = builtin.load_digits_rows(cfg.image_size)
     names = builtin.CLASS_NAMES
     if cfg.class_names is not None and cfg.class_names != names:
         raise DatasetError(f"the built-in dataset has classes {names}; dataset.class_names {cfg.class_names} differs")
+    ids, images, labels = builtin.load_digits_rows(cfg.image_size)
     train, test = stratified_split(make_table(ids, images, labels), cfg.test_fraction, len(names))
     metaclass_cfg = cfg.model_copy(update={"metaclass": cfg.metaclass or builtin.METACLASS})
-    return _finish(metaclass_cfg, names, train, test, 0, "digits")
+    if cfg.builtin == "digits":
+        return _finish(metaclass_cfg, names, train, test, 0, "digits")
+    return _finish(metaclass_cfg, names, *scene_splits(cfg, train, test), 0, "scenes")
+
+
+def scene_splits(cfg: DatasetConfig, train: pa.Table, test: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The digits' own train/test split, composited: train on class-correlated backgrounds, every test digit
+    on every background family."""
+    sc = cfg.scenes
+    train_idx = [builtin.digit_index(i) for i in train.column("id").to_pylist()]
+    families = scenes.train_families(train.column("label").to_numpy(), sc.aligned, sc.seed)
+    scene_train = make_table(*builtin.scene_rows(train_idx, families.tolist(), cfg.image_size, sc.seed))
+    test_idx = [builtin.digit_index(i) for i in test.column("id").to_pylist()]
+    every = [(i, f) for i in test_idx for f in range(scenes.FAMILIES)]
+    scene_test = make_table(*builtin.scene_rows([i for i, _ in every], [f for _, f in every], cfg.image_size,
+                                                sc.seed))
+    return scene_train, scene_test
 
 
 # --- common ----------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     # spec: (folder, the command that reproduces it)
     "builtin-digits": (os.path.join(PRETRAINED_DIR, "digits-ldm"),
                        "diffmix pretrain --config examples/pretrain_digits.yaml"),
+    "builtin-scenes": (os.path.join(PRETRAINED_DIR, "scenes-ldm"),
+                       "diffmix pretrain --config examples/pretrain_scenes.yaml"),
 }
 
 
