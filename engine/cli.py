@@ -81,7 +81,16 @@ def expected_error(exc: BaseException) -> tuple[BaseException, int] | None:
             for kind, code in kinds:
                 if isinstance(err, kind):
                     return err, code
-    return None
+    return storage_denied(exc)
+
+
+def storage_denied(exc: BaseException) -> tuple[BaseException, int] | None:
+    """Credentials or permissions refused by a library call outside the engine's Storage (Ray Train's or Tune's
+    own use of the run folder): the storage error's line and code, not a bug's traceback."""
+    from engine.storage import StorageError, denied
+
+    reason = denied(exc)
+    return None if reason is None else (StorageError(f"storage: {reason}"), 4)
 
 
 def setup_logging(level: str = "INFO") -> None:

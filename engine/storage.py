@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import io
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import fsspec
-from aiohttp import ClientConnectionError
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from aiohttp import ClientConnectionError, ClientPayloadError
+from botocore.exceptions import (BotoCoreError, ClientError, ConfigNotFound, CredentialRetrievalError,
+                                 EndpointConnectionError, HTTPClientError, IncompleteReadError, LoginError,
+                                 MetadataRetrievalError, NoAuthTokenError, NoCredentialsError,
+                                 PartialCredentialsError, ProfileNotFound, ReadTimeoutError, SSOError,
+                                 TokenRetrievalError, UnknownCredentialError)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import AsyncFileSystem, sync_wrapper
 from fsspec.implementations.local import LocalFileSystem
@@ -32,13 +38,101 @@ T = TypeVar("T")
 # Errors that mean "could not reach the store", worth a bounded retry. Missing files are not.
 # (botocore and aiohttp are s3fs's own dependencies: its requests fail with their errors.)
 _TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, BotoConnectionError,
-                                               EndpointConnectionError, ReadTimeoutError, ClientConnectionError)
+                                               EndpointConnectionError, ReadTimeoutError, HTTPClientError,
+                                               IncompleteReadError, ClientConnectionError, ClientPayloadError)
+# botocore errors that say the client has no usable credentials (before any request is sent)
+_NO_CREDENTIALS: tuple[type[BaseException], ...] = (
+    NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, UnknownCredentialError, ProfileNotFound,
+    ConfigNotFound, NoAuthTokenError, TokenRetrievalError, SSOError, LoginError, MetadataRetrievalError)
+# S3 answers that mean "these credentials may not do this"
+_REFUSED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                            "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
+                            "InvalidSecurity", "MissingSecurityHeader"})
+CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role) "
+                    "on every node, or key/secret in storage.storage_options")
 # S3 error codes that ask the client to slow down or try again (besides every 5xx answer).
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded"})
 
 
 class StorageError(OSError):
     """Storage could not be used; the message names the URI (never credentials)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _offline_hub(exc: BaseException) -> bool:
+    """huggingface_hub's offline refusal (a ConnectionError subclass that no retry can change). Its module is
+    only looked at when already imported: an error of it cannot exist otherwise."""
+    errors = sys.modules.get("huggingface_hub.errors")
+    return errors is not None and isinstance(exc, getattr(errors, "OfflineModeIsEnabled", ()))
+
+
+def denied(exc: BaseException) -> str | None:
+    """Why the store said no to these credentials or this user, in one line: no usable credentials, credentials
+    the store rejects, permission denied; None otherwise. Never an engine bug, so also mapped where a library
+    call outside `Storage` (Ray Train's or Tune's own storage access) raised it (engine.cli)."""
+    from engine.errors import chain
+
+    for err in chain(exc):
+        if isinstance(err, _NO_CREDENTIALS):
+            return f"no usable S3 credentials ({_first_line(err)}): {CREDENTIALS_HINT}"
+    code = _s3_error_code(exc)
+    if code in _REFUSED_CODES:
+        return f"S3 refused the request ({code}: the credentials may not do this): check them, or {CREDENTIALS_HINT}"
+    for err in chain(exc):
+        if isinstance(err, PermissionError):
+            return f"permission denied ({_first_line(err)})"
+    return None
+
+
+def _http_transport_error(exc: BaseException) -> bool:
+    """A connection or timeout error of httpx (huggingface_hub's `hf://` filesystem talks through it, or its
+    fork httpx2), which derive from neither OSError nor the builtin ConnectionError; looked up only when
+    imported."""
+    for name in ("httpx", "httpx2"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(exc, getattr(module, "TransportError", ())):
+            return True
+    return False
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the store refused, or cannot be used as configured, in one line; None when `exc` is none of that.
+
+    Refusals are final (no retry): `denied`, a read-only or full disk, a path that is a file where a folder
+    must be (or the reverse), an unknown protocol, a bad bucket name, a hub asked while offline. A missing
+    file is not one: callers say what was missing (a dataset root, an adapter, a shard)."""
+    from engine.errors import chain
+
+    if isinstance(exc, (FileNotFoundError, StorageError)):
+        return None
+    reason = denied(exc)
+    if reason is not None:
+        return reason
+    for err in chain(exc):
+        if _offline_hub(err):
+            return f"offline, and the file is not in the local cache ({_first_line(err)})"
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            return f"cannot write ({_first_line(err)})"
+    code = _s3_error_code(exc)
+    if code is not None and not _server_asks_for_retry(exc):
+        return f"S3 answered {code} ({_first_line(exc)})"
+    if isinstance(exc, (BotoCoreError, ImportError, ValueError, OSError)) and not transient(exc):
+        return f"cannot use it ({_first_line(exc)})"
+    return None
+
+
+def refused_error(exc: BaseException, what: str, uri: str) -> "StorageError | None":
+    """The one-line StorageError for a refusal (`refusal`) of `what` on `uri`, or None."""
+    reason = refusal(exc)
+    if reason is None:
+        return None
+    if reason.startswith("permission denied") and not is_local(uri):  # an object store's 403 without a code
+        reason += f": {CREDENTIALS_HINT}"
+    return StorageError(f"storage: {what} {redact(uri)}: {reason}")
 
 
 def redact(uri: str) -> str:
@@ -79,9 +173,9 @@ def _s3_error_code(exc: BaseException) -> str | None:
 def transient(exc: BaseException) -> bool:
     """Could not reach the store (connection, timeout) or the store said "try again" (5xx, SlowDown): worth a
     bounded retry; a missing file or a refused request is not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) or _offline_hub(exc):
         return False
-    if isinstance(exc, _TRANSIENT) or _server_asks_for_retry(exc):
+    if isinstance(exc, _TRANSIENT) or _server_asks_for_retry(exc) or _http_transport_error(exc):
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and transient(cause)
@@ -172,19 +266,23 @@ class Storage:
     def _call(self, uri: str, what: str, fn: Callable[[fsspec.AbstractFileSystem, str, dict[str, Any]], T],
               deadline_s: float | None = None) -> T:
         """Run `fn(fs, path, kw)` with retries under the call's deadline (`kw` carries the remaining time as
-        fsspec's `timeout=` on async filesystems). Non-transient errors (missing file, ...) propagate as they are."""
+        fsspec's `timeout=` on async filesystems). A refusal (credentials, permission, ...: `refusal`) is a
+        StorageError at once; a missing file propagates as FileNotFoundError for the caller to name."""
         budget = self.max_stall_s if deadline_s is None else deadline_s
         start = time.monotonic()
         attempt = 0
         while True:
-            fs, path = self.fs(uri)
-            remaining = budget - (time.monotonic() - start)
-            kw: dict[str, Any] = {"timeout": max(remaining, 0.01)} if _is_async(fs) else {}
             try:
+                fs, path = self.fs(uri)
+                remaining = budget - (time.monotonic() - start)
+                kw: dict[str, Any] = {"timeout": max(remaining, 0.01)} if _is_async(fs) else {}
                 return fn(fs, path, kw)
-            except Exception as exc:  # classified below; non-transient errors propagate unchanged
+            except Exception as exc:  # classified below; a missing file propagates unchanged
                 if not transient(exc):
-                    raise
+                    refused = refused_error(exc, what, uri)
+                    if refused is None:
+                        raise
+                    raise refused from exc
                 elapsed = time.monotonic() - start
                 wait = self.retry_wait_s * (2 ** attempt)
                 if elapsed + wait >= budget:

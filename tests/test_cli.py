@@ -59,3 +59,16 @@ def test_expected_errors_are_one_line_and_an_exit_code(tmp_path):
         assert "Traceback" not in out.stderr, out.stderr
     debug = run([sys.executable, "-m", "engine.cli", "check", "--debug", *corrupt])
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "DatasetError" in debug.stderr
+
+
+def test_a_bucket_without_credentials_is_the_storage_line_and_exit_code_4():
+    """`diffmix plan` on the example whose dataset is on a placeholder bucket, with no credentials anywhere:
+    botocore's NoCredentialsError (raised before any request is sent) is the one storage line, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "plan", "--config", "examples/cub.yaml"], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 4 and "Traceback" not in out.stderr, out.stderr
+    assert lines[-1].startswith("diffmix plan: storage: ") and "s3://YOUR-BUCKET/datasets/cub" in lines[-1]
+    assert "no usable S3 credentials (NoCredentialsError" in lines[-1] and "AWS_ACCESS_KEY_ID" in lines[-1]

@@ -187,3 +187,201 @@ def test_a_store_answering_internal_error_is_retried_then_named(caplog):
         assert storage.read_bytes(third + "/x.bin") == b"3"
     finally:
         server.stop(grace_s=1)
+
+
+# --- refusals: credentials, permissions and the other errors the libraries raise ----------------------------
+
+def _client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": f"{code} message"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+def _translated(code: str, status: int) -> Exception:
+    """What s3fs raises for an S3 answer: its own OSError subclass, with botocore's ClientError as the context."""
+    from s3fs.errors import translate_boto_error
+
+    try:
+        raise _client_error(code, status)
+    except Exception as err:  # noqa: BLE001 - the ClientError built just above
+        try:
+            raise translate_boto_error(err)
+        except OSError as translated:
+            return translated
+
+
+def _hub_http(cls: type, status: int, message: str) -> Exception:
+    """A huggingface_hub HTTP error as the hub client raises it: with the (httpx) response it answered."""
+    import importlib
+    import inspect
+
+    response = inspect.signature(cls.__init__).parameters["response"].annotation  # httpx's, or its fork httpx2's
+    httpx = importlib.import_module(response.__module__.split(".")[0])
+    return cls(message, response=response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/x")))
+
+
+def _library_errors() -> list[tuple[str, Exception, str]]:
+    """(name, the library's real exception, what the one line says) for what fsspec, s3fs, botocore and
+    huggingface_hub raise from a storage call."""
+    import botocore.exceptions as boto
+    import huggingface_hub.errors as hub
+    from fsspec.exceptions import FSTimeoutError
+
+    return [
+        ("botocore NoCredentialsError", boto.NoCredentialsError(), "no usable S3 credentials"),
+        ("botocore PartialCredentialsError", boto.PartialCredentialsError(provider="env", cred_var="AWS_SECRET"),
+         "no usable S3 credentials"),
+        ("botocore CredentialRetrievalError", boto.CredentialRetrievalError(provider="sso", error_msg="expired"),
+         "no usable S3 credentials"),
+        ("botocore ProfileNotFound", boto.ProfileNotFound(profile="nope"), "no usable S3 credentials"),
+        ("botocore TokenRetrievalError", boto.TokenRetrievalError(provider="sso", error_msg="x"),
+         "no usable S3 credentials"),
+        ("botocore NoRegionError", boto.NoRegionError(), "cannot use it (NoRegionError"),
+        ("botocore ParamValidationError", boto.ParamValidationError(report="Invalid bucket name"),
+         "cannot use it (ParamValidationError"),
+        ("botocore ClientError AccessDenied", _client_error("AccessDenied", 403), "S3 refused the request (AccessDenied"),
+        ("botocore ClientError InvalidAccessKeyId", _client_error("InvalidAccessKeyId", 403),
+         "S3 refused the request (InvalidAccessKeyId"),
+        ("botocore ClientError NoSuchBucket", _client_error("NoSuchBucket", 404), "S3 answered NoSuchBucket"),
+        ("botocore EndpointConnectionError", boto.EndpointConnectionError(endpoint_url="http://x"), "storage unreachable"),
+        ("botocore ReadTimeoutError", boto.ReadTimeoutError(endpoint_url="http://x"), "storage unreachable"),
+        ("botocore ResponseStreamingError", boto.ResponseStreamingError(error="reset"), "storage unreachable"),
+        ("s3fs AccessDenied", _translated("AccessDenied", 403), "S3 refused the request (AccessDenied"),
+        ("s3fs SignatureDoesNotMatch", _translated("SignatureDoesNotMatch", 403),
+         "S3 refused the request (SignatureDoesNotMatch"),
+        ("s3fs ExpiredToken", _translated("ExpiredToken", 400), "S3 refused the request (ExpiredToken"),
+        ("s3fs InvalidBucketName", _translated("InvalidBucketName", 400), "S3 answered InvalidBucketName"),
+        ("s3fs InternalError", _translated("InternalError", 500), "storage answered S3 InternalError"),
+        ("fsspec FSTimeoutError", FSTimeoutError(), "storage unreachable"),
+        ("PermissionError", PermissionError(13, "Permission denied", "/data/x"), "permission denied"),
+        ("read-only disk", OSError(30, "Read-only file system"), "cannot write"),
+        ("full disk", OSError(28, "No space left on device"), "cannot write"),
+        ("IsADirectoryError", IsADirectoryError(21, "Is a directory"), "cannot use it (IsADirectoryError"),
+        ("huggingface_hub OfflineModeIsEnabled", hub.OfflineModeIsEnabled("offline"), "offline"),
+        ("huggingface_hub GatedRepoError", _hub_http(hub.GatedRepoError, 401, "gated repo"),
+         "cannot use it (GatedRepoError"),
+        ("huggingface_hub RepositoryNotFoundError", _hub_http(hub.RepositoryNotFoundError, 404, "no repo"),
+         "cannot use it (RepositoryNotFoundError"),
+        ("huggingface_hub HFValidationError", hub.HFValidationError("bad repo id"), "cannot use it (HFValidationError"),
+    ]
+
+
+def test_every_library_error_of_a_storage_call_is_one_storage_line_with_exit_code_4():
+    """Each real exception class raised inside a real Storage call (the one place storage errors are mapped)
+    ends as a one-line StorageError naming the operation and URI, which the CLI maps to exit code 4; a missing
+    file stays a FileNotFoundError for the caller to name what was missing (a dataset root, an adapter)."""
+    from engine.cli import expected_error
+
+    storage = Storage(retries=0, retry_wait_s=0.0)
+    for name, exc, says in _library_errors():
+        def fail(fs, path, kw, exc=exc):
+            raise exc
+
+        with pytest.raises(StorageError) as err:
+            storage._call("s3://bucket/runs/x.json", "write", fail)
+        line = str(err.value)
+        assert says in line and "write s3://bucket/runs/x.json" in line and "\n" not in line, (name, line)
+        assert expected_error(err.value)[1] == 4, name
+    for missing in (_translated("NoSuchKey", 404), FileNotFoundError(2, "No such file")):
+        with pytest.raises(FileNotFoundError) as err:
+            storage._call("s3://bucket/x", "read", lambda fs, p, kw, exc=missing: (_ for _ in ()).throw(exc))
+        assert not isinstance(err.value, StorageError)
+
+
+def test_unknown_or_uninstalled_protocols_and_a_file_in_the_way_are_storage_lines(tmp_path):
+    storage = Storage()
+    for uri, says in (("nosuchproto://b/x", "Protocol not known"), ("gs://bucket/x", "gcsfs")):
+        with pytest.raises(StorageError, match=says) as err:
+            storage.exists(uri)
+        assert uri in str(err.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="FileExistsError") as err:  # os.makedirs meets the file
+        storage.write_text(str(tmp_path / "file" / "out.json"), "{}")
+    assert str(tmp_path / "file" / "out.json") in str(err.value)
+
+
+def test_model_library_errors_are_one_model_line_with_exit_code_5():
+    """diffusers, transformers and huggingface_hub report a model that does not load as these classes (diffusers'
+    and transformers' own are OSError and ValueError with paragraphs of text); inside `loading`, around every
+    from_pretrained, each is a one-line ModelError naming the model (exit 5). The real classes are raised
+    where from_pretrained would raise them (importing diffusers alone costs ~10 CPU-s)."""
+    import huggingface_hub.errors as hub
+
+    from engine.cli import expected_error
+    from engine.models.base import loading
+    from engine.models.errors import ModelError
+
+    raised = [OSError("We couldn't connect to 'https://huggingface.co'\nto load this file, couldn't find it"),
+              ValueError("bad config\nmore"), _hub_http(hub.RepositoryNotFoundError, 404, "404 repo"),
+              _hub_http(hub.GatedRepoError, 401, "gated"),
+              hub.OfflineModeIsEnabled("offline"), hub.LocalEntryNotFoundError("not cached"),
+              hub.HFValidationError("repo id")]
+    for exc in raised:
+        with pytest.raises(ModelError) as err:
+            with loading("org/model"):
+                raise exc
+        assert "'org/model'" in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert expected_error(err.value)[1] == 5
+
+
+def test_pil_errors_are_one_bad_image_line_with_exit_code_3():
+    """PIL's UnidentifiedImageError, a truncated file (OSError) and a decompression bomb, from real bytes."""
+    import io
+
+    from PIL import Image
+
+    from engine.cli import expected_error
+    from engine.data.images import BadImageError, decode, encode_png
+
+    png = encode_png(Image.new("RGB", (16, 16), (200, 10, 10)))
+    bomb = io.BytesIO()
+    Image.new("1", (1, 1)).save(bomb, format="PNG")
+    header = bytearray(bomb.getvalue())
+    header[16:24] = (50_000).to_bytes(4, "big") * 2  # IHDR width and height: a 50,000 x 50,000 image
+    for data in (b"not an image", png[: len(png) // 2], bytes(header)):
+        with pytest.raises(BadImageError) as err:
+            decode(data, "s3://b/img.png")
+        assert "s3://b/img.png" in str(err.value) and "\n" not in str(err.value)
+        assert expected_error(err.value)[1] == 3
+
+
+@pytest.mark.s3
+def test_the_store_refusing_anonymous_or_wrong_credentials_is_one_storage_line(s3_server, s3_bucket):
+    """Real s3fs calls to SeaweedFS (which enforces its keys): unsigned (anonymous) and with keys it does not
+    know; each is refused at once, not retried, in one line naming the URI and the S3 code."""
+    endpoint = {"client_kwargs": {"endpoint_url": s3_server["endpoint_url"]}}
+    Storage(s3_server["storage_options"]).write_text(s3_bucket + "/x.json", "{}")
+    for options, op in (({"anon": True, **endpoint}, lambda s: s.read_text(s3_bucket + "/x.json")),
+                        ({"key": "AKIAWRONG", "secret": "wrong-secret", **endpoint},
+                         lambda s: s.write_text(s3_bucket + "/y.json", "{}"))):
+        with pytest.raises(StorageError) as err:
+            op(Storage(options, retries=3, retry_wait_s=5.0))  # a retry would take 5 s
+        line = str(err.value)  # a HEAD's 403 has no body, so no S3 code: then it is the permission line
+        assert ("S3 refused the request" in line or "permission denied" in line) and "AWS_ACCESS_KEY_ID" in line
+        assert s3_bucket in line and "\n" not in line, line
+        assert "AKIAWRONG" not in line and "wrong-secret" not in line
+
+
+def test_a_permission_denied_local_path_is_one_storage_line(tmp_path):
+    """A folder the process may not write into: read-only for a user, immutable (chattr +i) for root, whom
+    permission bits do not stop."""
+    import subprocess
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    else:
+        locked.chmod(0o500)
+    try:
+        with pytest.raises(StorageError) as err:
+            Storage().write_text(str(locked / "runs" / "metrics.json"), "{}")
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        else:
+            locked.chmod(0o700)
+    line = str(err.value)
+    assert "permission denied" in line and str(locked / "runs" / "metrics.json") in line and "\n" not in line

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
 from engine.models.cache import build_once
 from engine.models.errors import ModelError
@@ -187,7 +188,22 @@ def _diffusers_dtype_kwarg() -> str:
 def _load_failed(path: str, exc: BaseException) -> ModelError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     hint = " (HF_HUB_OFFLINE is set: only local folders and cached hub models load)" if offline else ""
-    return ModelError(f"could not load base model {path!r}{hint}: {type(exc).__name__}: {exc}")
+    first = (str(exc).strip().splitlines() or [""])[0]  # diffusers' and the hub's messages run to paragraphs
+    return ModelError(f"could not load base model {path!r}{hint}: {type(exc).__name__}: {first}")
+
+
+@contextmanager
+def loading(path: str) -> Iterator[None]:
+    """Around `from_pretrained` calls: a folder or hub id that does not load is a one-line ModelError naming it.
+
+    diffusers, transformers and huggingface_hub report a missing, unreachable, gated or broken model as an
+    OSError (the hub's HTTP errors, offline mode, a missing entry) or a ValueError (a bad config or repo id)."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _load_failed(path, exc) from exc
 
 
 def load_img2img_pipeline(path: str, device: "str | torch.device | None" = None,

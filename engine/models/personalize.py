@@ -21,7 +21,7 @@ from torch import nn
 from engine.models.adapters import (LORA_FILE, LORA_TARGETS, add_placeholder_tokens, check_strategy, class_prompts,
                                     lora_config_dict, placeholder_tokens, save_embeddings, save_lora,
                                     trains_embeddings, trains_lora)
-from engine.models.base import _diffusers_dtype_kwarg
+from engine.models.base import _diffusers_dtype_kwarg, loading
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,12 @@ class Personalizer:
         self.weight_dtype = weight_dtype_for(self.device, spec.mixed_precision)
         path, dtype = spec.base_folder, {_diffusers_dtype_kwarg(): self.weight_dtype}
         # frozen weights load straight into the low-precision dtype; trainable ones are made fp32 below
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.weight_dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dtype)
-        self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        with loading(path):
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.weight_dtype)
+            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dtype)
+            self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         for module in (self.text_encoder, self.vae, self.unet):
             module.requires_grad_(False)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.adapters import class_prompts
-from engine.models.base import _diffusers_dtype_kwarg
+from engine.models.base import _diffusers_dtype_kwarg, loading
 from engine.models.personalize import (Denoiser, denoising_loss, optimizer_step, to_unit_range,
                                        weight_dtype_for)
 
@@ -110,8 +110,9 @@ class VaeTrainer(_PhaseTrainer):
         from diffusers import AutoencoderKL
 
         self.spec, self.device = spec, torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(spec.base_folder, subfolder="vae",
-                                                 **{_diffusers_dtype_kwarg(): torch.float32}).to(self.device)
+        with loading(spec.base_folder):
+            self.vae = AutoencoderKL.from_pretrained(spec.base_folder, subfolder="vae",
+                                                     **{_diffusers_dtype_kwarg(): torch.float32}).to(self.device)
         self.trained = self.model = Reconstruction(self.vae)
         self._init_optimizer()
 
@@ -138,12 +139,14 @@ class DenoiserTrainer(_PhaseTrainer):
         self.spec, self.device = spec, torch.device(device)
         self.weight_dtype = weight_dtype_for(self.device, spec.mixed_precision)
         path, fp32 = spec.base_folder, {_diffusers_dtype_kwarg(): torch.float32}
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{_diffusers_dtype_kwarg(): self.weight_dtype})
+        with loading(path):
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae",
+                                                     **{_diffusers_dtype_kwarg(): self.weight_dtype})
+            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32)
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32)
+            self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.vae.requires_grad_(False)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32)
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32)
-        self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         # "db" prompts are the plain class names: what real-* synthesis and the demo prompt the base with
         prompts = class_prompts("db", spec.class_names, spec.metaclass) + [""]
         ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
