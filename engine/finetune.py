@@ -39,6 +39,7 @@ from engine.tracking import Tracker, check_tracking
 from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, join, redact
+from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+            state = load_weights(os.path.join(folder, STATE_FILE), f"{cfg['trainer']} checkpoint "
+                                 f"{checkpoint.path}/{STATE_FILE}", FinetuneError)
         p.load_train_state(state)
         step, history = int(state["step"]), [list(h) for h in state["history"]]
         log.info("rank %d resumed from checkpoint at step %d", rank, step)

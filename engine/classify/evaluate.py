@@ -11,7 +11,6 @@ score species (the official protocol: Waterbirds images keep their CUB species) 
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from engine.config import ExperimentConfig, validate
 from engine.data import ImageDataset, load_dataset
 from engine.ray_local import Needs, ensure_ray
 from engine.storage import Storage, join, redact
+from engine.weights import load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -65,6 +65,9 @@ def find_classifier(uri: str, storage: Storage) -> Classifier:
     checkpoints = sorted(f for f in storage.glob(join(uri, "train"), f"checkpoint_*/{CHECKPOINT_FILE}"))
     if not checkpoints:
         raise EvaluateError(f"classifier {redact(uri)} has no checkpoint under train/")
+    # the actors load it again; refused here, the one line reaches the user (an actor's failed __init__ comes
+    # back as Ray's ActorDiedError text)
+    load_weights(storage.read_bytes(checkpoints[-1]), checkpoints[-1], EvaluateError, map_location="meta")
     cls = summary["classify"]
     return Classifier(uri, checkpoints[-1], list(names), cls["backbone"], int(cls["resolution"]),
                       float(cls["eval_crop"]), (summary.get("metrics") or {}).get("epoch"))
@@ -96,8 +99,7 @@ class Predictor:
         from engine.classify.models import build_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        state = torch.load(io.BytesIO(storage.read_bytes(classifier.checkpoint)), map_location="cpu",
-                           weights_only=False)
+        state = load_weights(storage.read_bytes(classifier.checkpoint), classifier.checkpoint, EvaluateError)
         self.model = build_model(classifier.backbone, len(classifier.class_names), classifier.resolution)
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()

@@ -5,13 +5,14 @@ nothing is ever downloaded. The classification head is re-initialised for the da
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import torch
 from torch import nn
 
+from engine.models.errors import ModelError
 from engine.storage import Storage, redact
+from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,12 @@ def _architecture(name: str, num_classes: int, resolution: int) -> nn.Module:
 
 def load_state_dict(uri: str, storage: Storage) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (raw, or under a 'model' / 'state_dict' key) at a path or URI."""
-    blob = storage.read_bytes(uri)
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    state = load_weights(storage.read_bytes(uri), f"classify.pretrained {uri}", ModelError)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{redact(uri)} does not hold a state dict of tensors")
+        raise ModelError(f"classify.pretrained {redact(uri)} does not hold a state dict of tensors")
     return state
 
 
@@ -88,8 +88,8 @@ def build_model(name: str, num_classes: int, resolution: int, pretrained: str | 
         head = _HEAD_PREFIX[name]
         bad_missing = [k for k in missing if not k.startswith(head)]
         if bad_missing or unexpected:
-            raise ValueError(
-                f"pretrained weights {redact(pretrained)} do not fit {name}: missing {bad_missing[:5]}, "
+            raise ModelError(
+                f"classify.pretrained weights {redact(pretrained)} do not fit {name}: missing {bad_missing[:5]}, "
                 f"unexpected {list(unexpected)[:5]}"
             )
         log.info("%s: loaded pretrained weights from %s (head re-initialised for %d classes)",

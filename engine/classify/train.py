@@ -37,6 +37,7 @@ from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
 from engine.data.epochs import Block, ordered
 from engine.data.shards import ShardError, complete_sets
+from engine.models.errors import ModelError
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
@@ -44,6 +45,7 @@ from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
 from engine.tracking import check_tracking
+from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +323,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location=device, weights_only=False)
+            state = load_weights(os.path.join(path, CHECKPOINT_FILE), f"classify checkpoint {checkpoint.path}/"
+                                 f"{CHECKPOINT_FILE}", ModelError, map_location=device)
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

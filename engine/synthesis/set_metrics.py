@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import ExperimentConfig
+from engine.data.images import decode
 from engine.data.shards import SyntheticSet, complete_sets
 from engine.ray_local import Needs
 from engine.storage import Storage, join, redact
@@ -112,9 +113,8 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 
 # --- feature models (actor side) -----------------------------------------------------------------
 def decode_rgb(blobs: list[bytes]) -> list[Any]:
-    from PIL import Image
-
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    """RGB images through the engine's one decoder (an undecodable or oversized image is a BadImageError)."""
+    return [decode(b, "synthetic or real image in a set-metrics batch") for b in blobs]
 
 
 def load_inception(uri: str, storage: Storage, device: Any) -> Any:
@@ -123,7 +123,7 @@ def load_inception(uri: str, storage: Storage, device: Any) -> Any:
     from torchvision.models import inception_v3
 
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        state = load_weights(storage.read_bytes(uri), f"metrics.inception_weights {uri}", MetricsError)
     except FileNotFoundError:
         raise MetricsError(f"metrics.inception_weights: {redact(uri)} does not exist") from None
     model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)

@@ -112,3 +112,83 @@ def test_bad_classifier_and_class_lists_are_named(trained, tmp_path):
         label_lookup(["gull", "tern"], ["water", "land"], {"gull": "water", "crow": "land"})
     assert label_lookup(["gull", "tern", "crow"], ["water", "land"],
                         {"gull": "water", "tern": "water", "crow": "land"}).tolist() == [0, 0, 1]
+
+
+# --- checkpoints that would run code ------------------------------------------------------------------
+class Payload:
+    """Unpickling it calls `open(marker, "w")`: any callable could be there instead (a hostile checkpoint)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def planted_copy(output: str, dest, marker) -> list:
+    """A copy of a classify run folder whose every checkpoint's state.pt carries a Payload beside real weights."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(output, dest)
+    planted = sorted(dest.glob("train/checkpoint_*/state.pt"))
+    for state_file in planted:
+        state = torch.load(state_file, weights_only=True)
+        state["hook"] = Payload(marker)
+        torch.save(state, state_file)
+    return planted
+
+
+def one_line(capsys, stage: str) -> str:
+    """The driver's own stderr (Ray's lines from workers, `(pid=...)`-prefixed, left out): one error line."""
+    ours = [x for x in capsys.readouterr().err.strip().splitlines() if x and not x.startswith(("\x1b[", "("))]
+    assert ours and "Traceback" not in "\n".join(ours), ours
+    return ours[-1] if ours[-1].startswith(f"diffmix {stage}: ") else "\n".join(ours)
+
+
+def test_a_checkpoint_carrying_a_payload_is_refused_and_never_runs(trained, tmp_path, capsys):
+    """A classifier folder from elsewhere is a pickle: evaluate and classify's resume load tensors and plain
+    values only; the payload's file is never created, the error is one line naming the file and its code."""
+    import torch
+
+    from engine.cli import main
+
+    tmp, config, summary = trained
+    marker = tmp_path / "payload-ran"
+    control = tmp_path / "control"                      # the payload is real: a full unpickle does run it
+    planted = planted_copy(summary["output"], tmp_path / "hostile", marker)
+    assert planted
+    torch.save({"hook": Payload(control)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+    rc = main(["evaluate", f"run.output={tmp}", *FAST, "evaluate.dataset.source=builtin",
+               f"evaluate.classifier={tmp_path / 'hostile'}", f"evaluate.output={tmp_path / 'ev'}"])
+    line = one_line(capsys, "evaluate")
+    assert rc == 9 and str(planted[-1]) in line and "refused" in line and "could run code" in line, line
+    assert not marker.exists()
+
+    (tmp_path / "hostile" / "metrics.json").unlink()    # not finished: classify resumes from the checkpoint
+    rc = main(["classify", f"run.output={tmp}", *FAST, f"classify.output={tmp_path / 'hostile'}"])
+    line = one_line(capsys, "classify")
+    assert rc == 5 and "state.pt" in line and "refused" in line and "open" in line, line
+    assert not marker.exists()
+
+
+def test_the_engines_own_checkpoint_still_resumes(trained, tmp_path):
+    """weights_only loads what classify saves: a copy of the finished run without its metrics.json resumes
+    from its last checkpoint (epoch 3 of 3, all its state: weights, optimizer, scheduler, scaler, metrics) and
+    reports its top-1 without training (no epoch written again, no new checkpoint)."""
+    import shutil
+
+    tmp, config, summary = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(summary["output"], copy)
+    (copy / "metrics.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (copy / "history").iterdir()}
+    checkpoints = sorted(p.name for p in (copy / "train").glob("checkpoint_*"))
+    again = classify(load_config(None, [f"run.output={tmp}", *FAST, f"classify.output={copy}"]))
+    assert again["metrics"]["epoch"] == 3 and again["metrics"]["top1"] == summary["metrics"]["top1"]
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "history").iterdir()} == before
+    assert sorted(p.name for p in (copy / "train").glob("checkpoint_*")) == checkpoints
