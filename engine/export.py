@@ -5,8 +5,10 @@ The rows are the ones a classifier would read (CLIP-filtered by default, an opti
 plan prefix), chosen on the driver from the set's metadata (no images). Ray tasks then read the shard files
 they need and write:
 
-- `imagefolder`: `<output>/<target class>/<plan index>.png`, plus `labels.jsonl` (one line per image: its
-  path, plan index, strategy, strength, target and reference class and soft label for `export.gamma`);
+- `imagefolder`: `<output>/<target class folder>/<plan index>.png`, plus `labels.jsonl` (one line per image: its
+  path, plan index, strategy, strength, target and reference class and soft label for `export.gamma`). A class's
+  folder is its name where that is a safe folder name, else a safe, unique one (engine.data.classnames:
+  "T-shirt/top" -> "T-shirt_top"); `export.json` records every class's folder;
 - `webdataset`: `<output>/shard-NNNNNN.tar`, `export.shard_rows` samples each, every sample a `<key>.png`
   and a `<key>.json` holding the same fields as a labels line.
 
@@ -26,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import ExperimentConfig
+from engine.data.classnames import ClassNameError, folder_names
 from engine.data.shards import ShardError, SyntheticSet, read_shards, soft_labels
 from engine.ray_local import Needs
 from engine.storage import Storage, join, redact
@@ -56,16 +59,18 @@ def label_record(row: dict[str, Any], target: np.ndarray, class_names: list[str]
 
 
 def export_unit(batch: pa.Table, storage: Storage, output: str, fmt: str, class_names: list[str],
-                gamma: float) -> pa.Table:
-    """One Ray task: one work unit (its shard files, its plan indices) -> image files or one tar shard."""
+                gamma: float, folders: list[str] | None = None) -> pa.Table:
+    """One Ray task: one work unit (its shard files, its plan indices) -> image files (in `folders`, one per
+    class, from `class_folders`) or one tar shard."""
     (files,), (indices,), (unit,) = (batch.column(c).to_pylist() for c in ("files", "indices", "unit"))
     rows = read_shards(files, storage, np.asarray(indices, dtype=np.int64)).sort_by("index")
     records = label_records(rows, class_names, gamma)
     images = rows.column("image").to_pylist()
     lines = []
     if fmt == "imagefolder":
-        for rec, image in zip(records, images):
-            path = f"{rec['target']}/{sample_key(rec['index'])}.png"
+        folders = folders or class_folders(class_names)
+        for rec, label, image in zip(records, rows.column("target_label").to_pylist(), images):
+            path = f"{folders[label]}/{sample_key(rec['index'])}.png"
             storage.write_bytes(join(output, path), image)
             lines.append(json.dumps({"path": path, **rec}))
     else:
@@ -79,6 +84,14 @@ def export_unit(batch: pa.Table, storage: Storage, output: str, fmt: str, class_
                     tar.addfile(info, io.BytesIO(data))
         storage.write_bytes(join(output, f"shard-{unit:06d}.tar"), buf.getvalue())
     return pa.table({"unit": [unit], "rows": [len(records)], "lines": ["\n".join(lines)]})
+
+
+def class_folders(class_names: list[str]) -> list[str]:
+    """Each class's folder in an image-folder export: never a path outside the export, one folder per class."""
+    try:
+        return folder_names(class_names)
+    except ClassNameError as exc:
+        raise ShardError(f"export: {exc}") from None
 
 
 def work_units(selection: pa.Table, rows_per_unit: int) -> list[dict[str, Any]]:
@@ -121,6 +134,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         raise ShardError(f"synthetic set {redact(uri)}: no rows left to export (filtered={ex.filtered}, "
                          f"strengths={ex.strengths}, multiplier={ex.multiplier})")
     units = work_units(selection, ex.shard_rows if ex.format == "webdataset" else ex.rows_per_task)
+    folders = class_folders(sset.class_names) if ex.format == "imagefolder" else None
     ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
     ordered()
     log.info("export: %d rows of %s as %s in %d tasks -> %s", selection.num_rows, redact(uri), ex.format,
@@ -128,7 +142,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     out = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         export_unit, batch_format="pyarrow", batch_size=1, num_cpus=ex.cpus_per_task,
         fn_kwargs={"storage": storage, "output": ex.output, "fmt": ex.format, "class_names": sset.class_names,
-                   "gamma": gamma})
+                   "gamma": gamma, "folders": folders})
     done = out.take_all()
     written = sum(int(d["rows"]) for d in done)
     if ex.format == "imagefolder":
@@ -138,6 +152,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                "plan_hash": sset.manifest.get("plan_hash"), "rows": written, "files": len(units),
                "filtered": ex.filtered, "strengths": ex.strengths, "multiplier": ex.multiplier, "gamma": gamma,
                "class_names": sset.class_names, "elapsed_s": round(time.perf_counter() - t0, 2)}
+    if folders is not None:
+        summary["class_folders"] = dict(zip(sset.class_names, folders))
     storage.write_text(join(ex.output, DONE_FILE), json.dumps(summary, indent=1))
     log.info("export: %d images -> %s (%s)", written, redact(ex.output), ex.format)
     return summary

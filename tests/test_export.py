@@ -80,3 +80,38 @@ def test_export_needs_an_output_and_rows(tmp_path, digits_set):
     with pytest.raises(ShardError, match="no rows left to export"):
         resolve_stage("export")(load_config(None, [f"export.synthetic={uri}", f"export.output={tmp_path}",
                                                    "export.strengths=[0.3]"]))
+
+
+def test_class_names_that_are_not_folder_names_stay_inside_the_export(ray_session, tmp_path):
+    """A Parquet dataset whose ClassLabel names hold "/", "..", case twins and 300 characters: the export's
+    folders are safe, one per class (torchvision's ImageFolder finds exactly the dataset's classes), recorded in
+    export.json, and no file is written outside the export folder."""
+    from torchvision.datasets import ImageFolder
+
+    from engine.testing.parquet import class_label_parquet
+
+    names = ["T-shirt/top", "../../escaped", "plain", "Plain", "T-shirt_top", "y" * 300]
+    class_label_parquet(tmp_path / "data" / "train.parquet", names, per_class=4)
+    ds = load_dataset(load_config(None, ["dataset.source=parquet", f"dataset.uri={tmp_path / 'data'}",
+                                         "dataset.metaclass=garment"]))
+    assert ds.class_names == names
+    uri = str(tmp_path / "syn")
+    write_synthetic_set(uri, Storage(), names, ds.train.column("image").to_pylist(),
+                        ds.train.column("label").to_pylist(), num_rows=80, rows_per_file=40)
+    out = tmp_path / "exp" / "folder"
+    summary = resolve_stage("export")(load_config(None, [
+        f"run.output={tmp_path / 'runs'}", f"export.synthetic={uri}", f"export.output={out}", "export.filtered=false"]))
+    folders = summary["class_folders"]
+    assert list(folders) == names and json.loads((out / "export.json").read_text())["class_folders"] == folders
+
+    written = [p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()]
+    assert set(written) == {"data", "syn", "exp"} and not (tmp_path / "escaped").exists()
+    assert {p.parent for p in out.rglob("*.png")} == {out / f for f in folders.values()}   # one level, one per class
+
+    folder = ImageFolder(str(out))
+    assert sorted(folder.classes) == sorted(folders.values()) and len(folder.classes) == len(names)
+    targets = SyntheticSet.open(uri).read(filtered=False).column("target_label").to_pylist()
+    assert sorted(folder.classes[label] for _, label in folder.samples) == sorted(folders[names[t]] for t in targets)
+    for line in (out / "labels.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["path"].split("/")[0] == folders[rec["target"]] and (out / rec["path"]).exists()

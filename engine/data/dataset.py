@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from engine.data.classnames import ClassNameError, check_class_names
 from engine.storage import Storage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +106,10 @@ class ImageDataset:
     def __post_init__(self) -> None:
         if len(self.class_names) < 1:
             raise DatasetError(f"dataset {self.name}: empty class list")
+        try:
+            check_class_names(self.class_names)
+        except ClassNameError as exc:
+            raise DatasetError(f"dataset {self.name}: {exc}") from None
         if self.on_storage and self.storage is None:
             raise DatasetError(f"dataset {self.name}: rows hold image URIs but no storage to read them with")
         for split in ("train", "test"):
