@@ -108,8 +108,9 @@ def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
             if row == 0:
                 ax.set_title(f"s = {s:g}", fontsize=9)
             if col == 0:
+                # class names are the dataset's text: "$" must not start matplotlib's math mode
                 ax.text(-0.05, 0.5, f"{inputs.class_names[r]} -> {inputs.class_names[t]}", fontsize=8,
-                        ha="right", va="center", transform=ax.transAxes)
+                        ha="right", va="center", transform=ax.transAxes, parse_math=False)
             i = by_cell.get((r, t, s))
             if i is None:
                 continue
