@@ -271,7 +271,21 @@ class AdapterInfo:
         info = cls(**{k: v for k, v in data.items() if k in known}, uri=uri)
         if len(info.prompts) != len(info.class_names) or len(info.embedding_files) != len(info.tokens):
             raise AdapterError(f"{redact(uri)}/{ADAPTER_JSON}: class, prompt, token and file lists disagree")
+        bad = [f for f in ([info.lora_file] if info.lora_file else []) + list(info.embedding_files)
+               if not inside_artifact(f)]
+        if bad:
+            raise AdapterError(f"{redact(uri)}/{ADAPTER_JSON}: weight files must be .safetensors files inside the "
+                               f"artifact folder, got {bad[:5]}")
         return info
+
+
+def inside_artifact(rel: object) -> bool:
+    """A weight file an adapter.json may name: a relative .safetensors path that stays inside the artifact
+    (an adapter from elsewhere must not make the loader read other files, or a pickle)."""
+    if not isinstance(rel, str) or not rel.endswith(".safetensors") or "\\" in rel or "\x00" in rel:
+        return False
+    parts = rel.split("/")
+    return not rel.startswith("/") and "://" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 def read_adapter_info(uri: str, storage: Storage | None = None) -> AdapterInfo:

@@ -117,6 +117,23 @@ def test_adapter_json_errors_and_base_mismatch(base: str, tmp_path: Path, tiny_c
         load_adapter(load_img2img_pipeline(other, device="cpu"), str(folder))
 
 
+@pytest.mark.parametrize("field, value", [("lora_file", "../../elsewhere/weights.safetensors"),
+                                          ("lora_file", "/etc/weights.safetensors"),
+                                          ("lora_file", "pytorch_lora_weights.bin"),   # a pickle
+                                          ("embedding_files", ["embeddings/../../../x.safetensors"]),
+                                          ("embedding_files", ["s3://bucket/x.safetensors"])])
+def test_adapter_json_names_only_safetensors_inside_the_artifact(base: str, tmp_path: Path, field, value):
+    """An artifact from elsewhere: its adapter.json must not make the loaders read files outside the folder,
+    or weights that are not safetensors."""
+    folder = tmp_path / "adapter"
+    _fake_artifact(base, folder)
+    data = json.loads((folder / ADAPTER_JSON).read_text())
+    data[field] = value if field == "lora_file" else value * len(data["embedding_files"])
+    (folder / ADAPTER_JSON).write_text(json.dumps(data))
+    with pytest.raises(AdapterError, match=r"adapter\.json: weight files must be \.safetensors files inside"):
+        read_adapter_info(str(folder))
+
+
 def test_fingerprint_is_content_not_location(base: str, tmp_path: Path):
     copy = tmp_path / "copy"
     shutil.copytree(base, copy)
