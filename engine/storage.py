@@ -414,11 +414,20 @@ class Storage:
         return self.max_stall_s + size / (1 << 20)
 
     def download_dir(self, uri: str, local_dir: str) -> None:
-        """Copy a folder to local disk (e.g. a model from s3:// into the node cache), streaming each file."""
+        """Copy a folder to local disk (e.g. a model from s3:// into the node cache), streaming each file.
+
+        Every key must land inside `local_dir`: S3 keys may hold `..` segments, and a folder from elsewhere
+        must not write files anywhere else on the node (checked for all keys before the first download)."""
         os.makedirs(local_dir, exist_ok=True)
+        root = os.path.realpath(local_dir)
+        files = []
         for file_uri, size in self.walk_files(uri, sizes=True):
-            rel = file_uri[len(uri.rstrip("/")) + 1:]
-            dest = os.path.join(local_dir, rel)
+            dest = os.path.realpath(os.path.join(root, file_uri[len(uri.rstrip("/")) + 1:]))
+            if not dest.startswith(root + os.sep):
+                raise StorageError(f"{redact(file_uri)}: its key would download outside {local_dir} "
+                                   f"(a '..' or absolute part below {redact(uri)}); refusing the folder")
+            files.append((file_uri, size, dest))
+        for file_uri, size, dest in files:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self._call(file_uri, "download", lambda fs, p, kw: fs.get_file(p, dest, **kw),
                        self.transfer_deadline(size))
