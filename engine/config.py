@@ -372,7 +372,8 @@ class ClassifyConfig(Section):
     amp: bool = True
     seed: int | None = Field(default=None, ge=0, description="Classifier seed (init, draws, shuffles); None: run.seed")
     p: float = Field(default=0.1, ge=0, le=1, description="Probability a real sample is replaced by a synthetic one")
-    gamma: float = Field(default=0.5, gt=0, description="Soft-label exponent: target gets s**gamma")
+    gamma: float = Field(default=0.5, ge=0, description="Soft-label exponent: target gets s**gamma (0: the "
+                         "whole label, Table 6's gamma = 0 row)")
     synthetic: str | None = Field(default=None, description="Synthetic shard folder URI; default: this run's")
     strengths: list[float] | None = Field(default=None, description="Use only these strengths")
     multiplier: float | None = Field(default=None, gt=0, description="Use only the plan prefix of this multiplier")
@@ -427,6 +428,8 @@ class SweepConfig(Section):
 
     gamma: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     p: list[float] = Field(default_factory=lambda: [0.1], min_length=1)
+    seeds: list[int] | None = Field(default=None, description="Classifier seeds (classify.seed), crossed with "
+                                    "the other axes; results add each grid point's mean and sample std over them")
     multiplier: list[float] | None = None
     strengths: list[list[float]] | None = Field(default=None, description="Each item is one strength set")
     metric: str = "top1"
@@ -472,10 +475,24 @@ class SweepConfig(Section):
 
     @field_validator("gamma")
     @classmethod
-    def _gamma_positive(cls, v: list[float]) -> list[float]:
+    def _gamma_non_negative(cls, v: list[float]) -> list[float]:
         for g in v:
-            if g <= 0:
-                raise ValueError(f"gamma {g} must be > 0")
+            if not g >= 0:  # 0 is Table 6's hard-label row; NaN fails too
+                raise ValueError(f"gamma {g} must be >= 0")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, v: list[int] | None) -> list[int] | None:
+        """Repeated seeds would train the same classifier twice and shrink the reported spread."""
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("seeds is empty (leave it out to train each grid point once, with classify.seed)")
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds {v} must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a seed")
         return v
 
     @field_validator("p")
@@ -521,7 +538,7 @@ class ExportConfig(Section):
     filtered: bool = Field(default=True, description="Only rows the CLIP filter keeps")
     strengths: list[float] | None = Field(default=None, description="Only these strengths")
     multiplier: float | None = Field(default=None, gt=0, description="Only the plan prefix of this multiplier")
-    gamma: float | None = Field(default=None, gt=0, description="Soft labels' exponent; default classify.gamma")
+    gamma: float | None = Field(default=None, ge=0, description="Soft labels' exponent; default classify.gamma")
     shard_rows: int = Field(default=1000, ge=1, description="WebDataset: samples per tar shard")
     rows_per_task: int = Field(default=256, ge=1, description="Image folder: images written per Ray task")
     cpus_per_task: float = Field(default=0.5, gt=0)

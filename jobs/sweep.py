@@ -1,4 +1,4 @@
-"""Ray Tune sweep over gamma, p, multiplier and strength sets: `python jobs/sweep.py --config examples/demo.yaml key=value ...`."""
+"""Ray Tune sweep over gamma, p, multiplier, strength sets and classifier seeds: `python jobs/sweep.py --config examples/demo.yaml key=value ...`."""
 import os
 import sys
 

@@ -13,8 +13,10 @@ from engine.data.shards import soft_labels
 
 
 def check_gamma(gamma: float) -> None:
-    if not gamma > 0:
-        raise ValueError(f"classify.gamma must be > 0, got {gamma}")
+    """gamma >= 0: Table 6 runs gamma = 0 (s**0 = 1, a hard target label); a negative one would put more
+    than 1 on the target (s < 1) and a negative weight on the reference."""
+    if not gamma >= 0:  # also rejects NaN
+        raise ValueError(f"classify.gamma must be >= 0, got {gamma}")
 
 
 def one_hot(labels: Iterable[int], num_classes: int) -> np.ndarray:

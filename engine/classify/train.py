@@ -390,7 +390,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "synthetic_rows": int(share.synthetic_counts.sum()) * world, "steps": steps,
             "lr": scheduler.get_last_lr()[0], "train_samples_per_s": rate(rows * world, elapsed, steps),
             # what this trainer actually used, so a sweep can check every trial got its own point
-            "trained_gamma": settings.gamma, "trained_p": cfg.p, "cmo_batches": cmo_batches * world, "drw": drw,
+            "trained_gamma": settings.gamma, "trained_p": cfg.p, "trained_seed": classifier_seed(config),
+            "cmo_batches": cmo_batches * world, "drw": drw,
             "train_samples_per_s_mean": rate(sum(t[0] for t in later), sum(t[1] for t in later),
                                              sum(t[2] for t in later)),
         }

@@ -1,11 +1,12 @@
-"""Ray Tune sweeps over the method's knobs: gamma, p, multiplier prefix and strength set.
+"""Ray Tune sweeps over the method's knobs: gamma, p, multiplier prefix and strength set (and classifier seeds).
 
 gamma, p and the multiplier prefix cost no synthesis (labels are computed when read, prefixes are
 row selections); each strength set needs its own synthetic set, which the caller-supplied
 `ensure_synthetic(config) -> uri` makes or reuses before any trial starts (the orchestration in
 `engine.pipeline` passes the synthesis stage; this module never imports another stage).
 Each trial builds and fits a `TorchTrainer` with `TuneReportCallback` (Tune over Train V2).
-Output: `results.csv` and `results.md`, sorted by the chosen metric, with the p = 0 baseline.
+Output: `results.csv` and `results.md`, sorted by the chosen metric, with the p = 0 baseline; with
+`sweep.seeds`, also `summary.csv` and `summary.md`: each grid point's mean and sample std over its seeds.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import csv
 import io
 import logging
 import math
+import statistics
 from typing import Any, Callable
 
 from engine.classify.train import Inputs, absolute, fit, prepare_inputs, resource_needs
@@ -52,7 +54,9 @@ def sweep_needs(config: ExperimentConfig, trials: int = 1) -> Needs:
 
 
 def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
-    """Every trial: strengths x multiplier x gamma x p; all p = 0 points collapse into one baseline."""
+    """Every trial: strengths x multiplier x gamma x p x sweep.seeds; all p = 0 points collapse into one
+    baseline (one per seed). A seed becomes the trial's classify.seed and ends its name (`..._seed=1`);
+    `grid_point` names the point without it (the seed summary's groups)."""
     sweep, cls = config.sweep, config.classify
     strength_sets: list[list[float] | None] = [sorted(s) for s in sweep.strengths] if sweep.strengths else [None]
     multipliers: list[float | None] = list(sweep.multiplier) if sweep.multiplier else [cls.multiplier]
@@ -67,7 +71,9 @@ def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
                         continue
                     points.append({"trial": point_key(strengths, multiplier, gamma, p), "strengths": strengths,
                                    "multiplier": multiplier, "gamma": float(gamma), "p": float(p)})
-    return points
+    seeds: list[int | None] = list(sweep.seeds) if sweep.seeds else [None]
+    return [{**point, "trial": point["trial"] if seed is None else f"{point['trial']}_seed={seed}",
+             "grid_point": point["trial"], "seed": seed} for point in points for seed in seeds]
 
 
 def sweep_output(config: ExperimentConfig) -> str:
@@ -105,25 +111,39 @@ def synthetic_sets(config: ExperimentConfig, points: list[dict[str, Any]],
     return out
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], inputs: Inputs, root: str) -> None:
-    """One Tune trial: this point's config, one `TorchTrainer`, metrics forwarded to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    point = params["point"]
+def trial_config(point: dict[str, Any], base: dict[str, Any]) -> ExperimentConfig:
+    """The classify settings of one grid point over the sweep's config (a seed, when the point has one,
+    becomes classify.seed)."""
     data = dict(base)
     data["classify"] = dict(base["classify"], p=point["p"], gamma=point["gamma"], multiplier=point["multiplier"],
                             synthetic=point["synthetic"], output=None)
     if point["strengths"] is not None:
         data["classify"]["strengths"] = point["strengths"]
-    config = validate(data)
+    if point.get("seed") is not None:
+        data["classify"]["seed"] = point["seed"]
+    return validate(data)
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], inputs: Inputs, root: str) -> None:
+    """One Tune trial: this point's config, one `TorchTrainer`, metrics forwarded to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    point = params["point"]
+    config = trial_config(point, base)
     fit(config, inputs, output=join(root, "trials", point["trial"]), callbacks=[TuneReportCallback()])
+
+
+def _eval_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """The chosen metric first, then every evaluation metric any trial reported."""
+    keys = {k for r in rows for k in r["metrics"]}
+    evals = sorted(k for k in keys if k == "top1" or k.startswith("acc_") or k == "worst_group_acc")
+    return [metric] + [k for k in evals if k != metric]
 
 
 def _metric_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
     keys = {k for r in rows for k in r["metrics"]}
-    evals = sorted(k for k in keys if k == "top1" or k.startswith("acc_") or k == "worst_group_acc")
-    ordered = [metric] + [k for k in evals if k != metric]
-    extra = ("epoch", "train_samples_per_s_mean", "trained_gamma", "trained_p")
+    ordered = _eval_columns(rows, metric)
+    extra = ("epoch", "train_samples_per_s_mean", "trained_gamma", "trained_p", "trained_seed")
     return ordered + [k for k in extra if k in keys and k not in ordered]
 
 
@@ -147,12 +167,58 @@ def _cell(value: Any) -> str:
 
 
 def results_table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
-    columns = _POINT_COLUMNS + _metric_columns(rows, metric) + ["status"]
+    """One line per trial; a `seed` column when the sweep has seeds."""
+    point_columns = _POINT_COLUMNS + (["seed"] if any(r["point"].get("seed") is not None for r in rows) else [])
+    columns = point_columns + _metric_columns(rows, metric) + ["status"]
     body = []
     for row in rows:
-        values = {**{c: row["point"].get(c) for c in _POINT_COLUMNS}, **row["metrics"], "status": row["status"]}
+        values = {**{c: row["point"].get(c) for c in point_columns}, **row["metrics"], "status": row["status"]}
         body.append([_cell(values.get(c)) for c in columns])
     return columns, body
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def seed_summary(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Each grid point's mean and sample std (n - 1) of every evaluation metric over its seeds' finished
+    trials, as the paper reports its few-shot results (means over three trials); std is None below two
+    values. Sorted by the chosen metric's mean."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["point"].get("grid_point", row["point"]["trial"]), []).append(row)
+    names = _eval_columns(rows, metric)
+    out = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "ok"]
+        entry: dict[str, Any] = {"grid_point": key, **{c: members[0]["point"].get(c) for c in _POINT_COLUMNS[1:]},
+                                 "seeds": [r["point"].get("seed") for r in done], "trials": len(members)}
+        for name in names:
+            values = [r["metrics"][name] for r in done if _finite(r["metrics"].get(name))]
+            entry[f"{name}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(entry)
+    ranked = _sort([{"metrics": {metric: e[f"{metric}_mean"]}, "entry": e} for e in out], metric, mode)
+    return [r["entry"] for r in ranked]
+
+
+def summary_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The seed summary as table columns and cells (the same cell format as the results table)."""
+    columns = list(summary[0]) if summary else ["grid_point"]
+    return columns, [[_cell(entry.get(c)) for c in columns] for entry in summary]
+
+
+def write_seed_summary(storage: Storage, output: str, rows: list[dict[str, Any]], metric: str,
+                       mode: str) -> dict[str, Any]:
+    """`summary.csv` / `summary.md` next to the results: the seeds' mean and spread per grid point."""
+    summary = seed_summary(rows, metric, mode)
+    columns, body = summary_table(summary)
+    csv_uri, md_uri = join(output, "summary.csv"), join(output, "summary.md")
+    storage.write_text(csv_uri, to_csv(columns, body))
+    storage.write_text(md_uri, to_markdown(columns, body))
+    log.info("sweep summary over seeds (%s):\n%s", redact(md_uri), to_markdown(columns, body))
+    return {"summary": summary, "summary_csv": csv_uri, "summary_md": md_uri}
 
 
 def to_csv(columns: list[str], body: list[list[str]]) -> str:
@@ -214,8 +280,8 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
     for result in grid:
         point = result.config["point"]
         metrics = {k: v for k, v in (result.metrics or {}).items()
-                   if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc", "trained_gamma", "trained_p"}
-                   or k.startswith("acc_")}
+                   if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc", "trained_gamma",
+                            "trained_p", "trained_seed"} or k.startswith("acc_")}
         status = "ok" if result.error is None else f"error: {type(result.error).__name__}"
         if result.error is not None:
             failed.append(f"{point['trial']}: {result.error}")
@@ -226,9 +292,10 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
     storage.write_text(csv_uri, to_csv(columns, body))
     storage.write_text(md_uri, to_markdown(columns, body))
     log.info("sweep results (%s, %s):\n%s", redact(csv_uri), redact(md_uri), to_markdown(columns, body))
+    over_seeds = write_seed_summary(storage, output, rows, sweep.metric, sweep.mode) if sweep.seeds else {}
     if failed:
         raise RuntimeError(f"sweep: {len(failed)} of {len(rows)} trial(s) failed (table at {redact(md_uri)}):\n"
                            + "\n".join(failed))
     return {"output": output, "results_csv": csv_uri, "results_md": md_uri, "metric": sweep.metric,
-            "synthetic_sets": sets,
+            "synthetic_sets": sets, **over_seeds,
             "rows": [{**r["point"], **r["metrics"], "status": r["status"]} for r in rows]}

@@ -112,9 +112,10 @@ def encode_table(table: pa.Table, class_names: Sequence[str] | None = None,
 
 def soft_labels(strategy: Iterable[str], ref_label: Iterable[int | None], target_label: Iterable[int],
                 strength: Iterable[float], gamma: float, num_classes: int) -> np.ndarray:
-    """(n, C) label matrix: mix rows put s**gamma on the target and 1 - s**gamma on the reference."""
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    """(n, C) label matrix: mix rows put s**gamma on the target and 1 - s**gamma on the reference.
+    gamma = 0 (Table 6's last row) is allowed: s**0 = 1, every mix row labelled wholly as its target."""
+    if not gamma >= 0:  # also rejects NaN
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
     strategies, refs = list(strategy), list(ref_label)
     targets, strengths = np.asarray(list(target_label), dtype=np.int64), np.asarray(list(strength), dtype=np.float64)
     out = np.zeros((len(targets), num_classes), dtype=np.float32)

@@ -20,6 +20,22 @@ def test_paper_check_values():
     assert round(float(y[1]), 2) == 0.16 and round(float(y[3]), 2) == 0.84
 
 
+def test_gamma_zero_labels_every_mix_row_wholly_as_its_target():
+    """Table 6's gamma = 0 row: s**0 = 1 at every strength, so a mix row's label is exactly its target's
+    one-hot (the reference gets exactly 0), as aug/gen rows are; the config takes 0 in every gamma key."""
+    strengths = [1e-6, 0.1, 0.5, 0.7, 0.9, 1.0]
+    refs, targets = [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 5]
+    for strategy in ("diff-mix", "real-mix"):
+        y = synthetic_targets([strategy] * 6, refs, targets, strengths, 0.0, 6)
+        assert np.array_equal(y, one_hot(targets, 6)), y
+    # and it is the limit of small gammas, not a special case: gamma = 1e-9 differs by < 1e-6
+    near = synthetic_targets(["diff-mix"] * 6, refs, targets, strengths, 1e-9, 6)
+    np.testing.assert_allclose(near, one_hot(targets, 6), atol=1e-6)
+    assert not np.array_equal(near[:1], one_hot(targets[:1], 6))  # s = 1e-6: 1e-9 * ln(1e-6) ~ -1.4e-8 off
+    config = load_config(None, ["classify.gamma=0", "sweep.gamma=[0, 0.5]", "export.gamma=0"])
+    assert (config.classify.gamma, config.sweep.gamma, config.export.gamma) == (0.0, [0.0, 0.5], 0.0)
+
+
 def test_aug_and_gen_rows_are_one_hot():
     y = synthetic_targets(["diff-aug", "diff-gen", "real-aug", "real-gen"], [4, None, 4, None], [4, 7, 4, 7],
                           [0.5, 1.0, 0.9, 1.0], 0.5, 10)
@@ -61,16 +77,19 @@ def test_bad_p_and_gamma():
     for bad in ("classify.p=1.5", "classify.p=-0.1"):
         with pytest.raises(ConfigError, match=r"classify\.p"):
             load_config(None, [bad])
-    for bad in ("classify.gamma=0", "classify.gamma=-1"):
+    for bad in ("classify.gamma=-0.1", "classify.gamma=-1", "classify.gamma=nan"):
         with pytest.raises(ConfigError, match=r"classify\.gamma"):
             load_config(None, [bad])
     with pytest.raises(ConfigError, match=r"sweep\.p"):
         load_config(None, ["sweep.p=[0.1, 2]"])
     with pytest.raises(ConfigError, match=r"sweep\.gamma"):
-        load_config(None, ["sweep.gamma=[0.5, 0]"])
+        load_config(None, ["sweep.gamma=[0.5, -0.1]"])
+    with pytest.raises(ConfigError, match=r"export\.gamma"):
+        load_config(None, ["export.gamma=-0.5"])
     with pytest.raises(ValueError, match="p must be in"):
         check_p(1.01)
-    with pytest.raises(ValueError, match="gamma must be > 0"):
-        check_gamma(0.0)
-    with pytest.raises(ValueError, match="gamma must be > 0"):
+    for bad_gamma in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="gamma must be >= 0"):
+            check_gamma(bad_gamma)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
         synthetic_targets(["diff-mix"], [0], [1], [0.5], -0.5, 2)

@@ -107,7 +107,8 @@ def test_epoch_stream_follows_the_plan(ray_session, tmp_path, digits):
 def test_stream_targets_are_s_to_the_gamma_from_each_shard_row(ray_session, tmp_path, digits):
     """The method's label, checked where training sees it: every synthetic row in the epoch stream carries
     s**gamma on its target class and 1 - s**gamma on its reference class, read from that row's own shard
-    columns, for the configured gamma (a swapped side or a gamma that does not arrive fails here)."""
+    columns, for the configured gamma (a swapped side or a gamma that does not arrive fails here); at
+    Table 6's gamma = 0 that is exactly the target's one-hot."""
     from dataclasses import replace
 
     import pyarrow as pa
@@ -118,7 +119,7 @@ def test_stream_targets_are_s_to_the_gamma_from_each_shard_row(ray_session, tmp_
                                for f in sorted((tmp_path / "syn").glob("part-*.parquet"))])
     row_of = {int(i): k for k, i in enumerate(shards.column("index").to_pylist())}
     selection = open_selection(str(tmp_path / "syn"), Storage(), digits.class_names, None, None, False, 0.5)
-    for gamma in (0.3, 1.5):
+    for gamma in (0.0, 1.5):  # Table 6's hard-label row and a gamma above 1 (test_labels: the rest)
         _, _, batches = run_epoch(digits, selection, 0.5, settings=replace(SETTINGS, gamma=gamma))
         checked = 0
         for b in batches:
@@ -133,6 +134,8 @@ def test_stream_targets_are_s_to_the_gamma_from_each_shard_row(ray_session, tmp_
                     continue
                 assert y[target] == pytest.approx(s ** gamma, abs=1e-6)
                 assert y[ref] == pytest.approx(1 - s ** gamma, abs=1e-6)
+                if gamma == 0:
+                    assert y[target] == 1.0 and y[ref] == 0.0 and s < 1  # exactly hard, at a strength below 1
                 checked += 1
         assert checked > 20
 
