@@ -12,12 +12,14 @@ import time
 from engine.config import ExperimentConfig
 from engine.data import load_dataset
 from engine.models.base import ModelRef
+from engine.ray_local import join_checked
 from engine.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
 
 
 def run(config: ExperimentConfig) -> dict:
+    join_checked(config)  # on a cluster of several nodes, local paths must be a shared mount
     storage = Storage.from_config(config)
     t0 = time.perf_counter()
     ds = load_dataset(config, storage)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.locations import (Location, is_local_location, resolve_local, resolve_many, resolve_model_spec,
+                              resolve_output, resolve_tracking_uri)
 
 
 class ConfigError(ValueError):
@@ -32,15 +35,32 @@ WORKER_RESOURCES_HELP = ("Custom Ray resources each Train worker asks for, e.g. 
                          "only on nodes started with that resource (a lost node's workers restart on another)")
 
 
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+# Fields that hold a path or URI (engine.locations): a relative local one is made absolute when the config is
+# validated, in the process that loads it, so no Tune trial, Ray task, Train worker or job working directory
+# resolves it against its own working directory. Defaults are validated too (run.output's `runs`).
+InputUri = Annotated[str, Location(), AfterValidator(resolve_local)]
+OptionalInputUri = Annotated[str | None, Location(), AfterValidator(resolve_local)]
+OutputUri = Annotated[str, Location(output=True), AfterValidator(resolve_output)]
+OptionalOutputUri = Annotated[str | None, Location(output=True), AfterValidator(resolve_output)]
+InputUris = Annotated[list[str] | None, Location(), AfterValidator(resolve_many)]
+ModelSpec = Annotated[str, Location(), AfterValidator(resolve_model_spec)]
+NodeCache = Annotated[str, Location(shared=False), AfterValidator(resolve_local)]  # each node's own disk
+DriverFile = Annotated[str, Location(shared=False), AfterValidator(resolve_local)]  # read on the driver only
+TrackingUri = Annotated[str | None, Location(output=True), AfterValidator(resolve_tracking_uri)]
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated, and defaults are
+    validated (so a default path is made absolute like a given one)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, validate_default=True)
 
 
 class RunConfig(Section):
     name: str = Field(default="run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    output: str = Field(default="runs", min_length=1, description="Output root URI; the run writes under <output>/<name>.")
+    output: OutputUri = Field(default="runs", min_length=1, description="Output root URI; the run writes under "
+                              "<output>/<name>. A relative path is relative to the working directory of the process "
+                              "that loads the config")
     seed: int = Field(default=0, ge=0)
 
     @property
@@ -57,6 +77,14 @@ class ClusterConfig(Section):
                                 "resources, or nothing commits this long before the first commit")
     stall_warn_factor: float = Field(default=5.0, ge=1, description="Warn when nothing commits for this many "
                                      "times the usual interval between commits")
+    max_resource_wait_s: float | None = Field(default=3600.0, gt=0, description="A stage fails when one of its "
+                                              "requests (an actor, a Train worker group, a task) has waited this "
+                                              "long for resources while the stage made no progress, naming it and "
+                                              "the resource; null: wait for ever (an autoscaler that is slow to "
+                                              "deliver)")
+    infeasible_grace_s: float = Field(default=30.0, gt=0, description="On a cluster without an autoscaler (and "
+                                      "without wait_for_nodes), a request no live node can ever hold (the node "
+                                      "with the only slot was lost) fails after this grace instead")
 
 
 class StorageConfig(Section):
@@ -73,6 +101,9 @@ class StorageConfig(Section):
     read_timeout_s: float = Field(default=60.0, gt=0, description="S3: seconds without a byte from the server")
     max_stall_s: float = Field(default=300.0, gt=0, description="A call (all attempts) that has not succeeded "
                                "after this long fails; big transfers get 1 s more per MiB")
+    shared_local: bool = Field(default=False, description="Local paths (run.output, dataset.uri, ...) name the "
+                               "same shared disk (an NFS mount) on every node: without it, a local path on a "
+                               "cluster of more than one node (or one an autoscaler can grow) is an error")
 
 
 class SubsetConfig(Section):
@@ -106,7 +137,7 @@ class DatasetConfig(Section):
                                                  "(source: builtin): plain digits, or digits on backgrounds "
                                                  "correlated with the class in train (dataset.scenes)")
     scenes: ScenesConfig = Field(default_factory=ScenesConfig)
-    uri: str | None = Field(default=None, description="Root URI for imagefolder/parquet sources")
+    uri: OptionalInputUri = Field(default=None, description="Root URI for imagefolder/parquet sources")
     metaclass: str | None = Field(default=None, min_length=1, description="e.g. bird, car; builtin: digit")
     class_names: list[str] | None = Field(default=None, description="Override/declare class names (parquet)")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="Used when the source has no test split")
@@ -135,9 +166,10 @@ class DatasetConfig(Section):
 class ModelConfig(Section):
     """Where base models come from: `tiny` (built offline), a local folder, an s3:// folder or a hub id."""
 
-    base: str = Field(default="tiny", min_length=1)
-    clip: str = Field(default="tiny", min_length=1)
-    cache_dir: str = Field(default="~/.cache/diffmix", min_length=1)
+    base: ModelSpec = Field(default="tiny", min_length=1)
+    clip: ModelSpec = Field(default="tiny", min_length=1)
+    cache_dir: NodeCache = Field(default="~/.cache/diffmix", min_length=1, description="Each node's model cache "
+                                 "(tiny models, copies of s3:// models)")
     tiny_seed: int = Field(default=0, ge=0)
     resolution: int = Field(default=512, ge=8, le=2048, description="Pixel size images are generated/trained at")
 
@@ -149,7 +181,7 @@ class PretrainConfig(Section):
     Operational fields (workers, checkpoints, logging, eval) do not change the result's cache key.
     """
 
-    output: str | None = Field(default=None, description="Model folder URI; default <run>/pretrained")
+    output: OptionalOutputUri = Field(default=None, description="Model folder URI; default <run>/pretrained")
     resolution: int = Field(default=32, ge=8, le=512)
     vae_blocks: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1, max_length=4)
     vae_norm_groups: int = Field(default=16, ge=1)
@@ -212,7 +244,7 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(default=500, ge=1)
     log_every: int = Field(default=50, ge=1)
     max_failures: int = Field(default=3, ge=0)
-    output: str | None = Field(default=None, description="Adapter URI; default <run>/adapter")
+    output: OptionalOutputUri = Field(default=None, description="Adapter URI; default <run>/adapter")
     fail_at_step: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this step")
     weight_decay: float = Field(default=1e-2, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -286,8 +318,9 @@ class SynthesisConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Images per pipeline call (one strength per call)")
     referable_classes: int | None = Field(default=None, ge=1, description="Limit of reference classes per target")
     long_tail: bool = Field(default=False, description="Targets follow the reversed class distribution")
-    adapter: str | None = Field(default=None, description="Adapter URI; default finetune.output or <run>/adapter (diff-* only)")
-    output: str | None = Field(default=None, description="Shard folder URI; default <run>/synthetic/<plan hash>")
+    adapter: OptionalInputUri = Field(default=None, description="Adapter URI; default finetune.output or "
+                                      "<run>/adapter (diff-* only)")
+    output: OptionalOutputUri = Field(default=None, description="Shard folder URI; default <run>/synthetic/<plan hash>")
     rows_per_file: int = Field(default=64, ge=1, description="Plan rows per Parquet file (files align to the plan)")
     num_gpus_per_actor: float = Field(default=1.0, ge=0, description="GPUs per Translator actor; 0 runs on CPU")
     cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs reserved per Translator / ClipScorer actor")
@@ -346,7 +379,7 @@ class ClassifyConfig(Section):
     """Train a classifier on real + synthetic data (DESIGN.md steps 3, 5)."""
 
     backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_b_16"] = "resnet50"
-    pretrained: str | None = Field(default=None, description="URI/path of torchvision weights; None = random init")
+    pretrained: OptionalInputUri = Field(default=None, description="URI/path of torchvision weights; None = random init")
     resolution: int = Field(default=448, ge=8, le=2048)
     batch_size: int = Field(default=32, ge=1, description="Total batch over all workers")
     epochs: int = Field(default=128, ge=1)
@@ -374,7 +407,7 @@ class ClassifyConfig(Section):
     p: float = Field(default=0.1, ge=0, le=1, description="Probability a real sample is replaced by a synthetic one")
     gamma: float = Field(default=0.5, ge=0, description="Soft-label exponent: target gets s**gamma (0: the "
                          "whole label, Table 6's gamma = 0 row)")
-    synthetic: str | None = Field(default=None, description="Synthetic shard folder URI; default: this run's")
+    synthetic: OptionalInputUri = Field(default=None, description="Synthetic shard folder URI; default: this run's")
     strengths: list[float] | None = Field(default=None, description="Use only these strengths")
     multiplier: float | None = Field(default=None, gt=0, description="Use only the plan prefix of this multiplier")
     eval_every: int = Field(default=1, ge=1)
@@ -386,7 +419,7 @@ class ClassifyConfig(Section):
     few_shot_threshold: int = Field(default=20, ge=1, description="Long-tail: classes with fewer train images are 'few'")
     checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints")
     max_failures: int = Field(default=3, ge=0)
-    output: str | None = Field(default=None, description="Default <run>/classify/<hash>")
+    output: OptionalOutputUri = Field(default=None, description="Default <run>/classify/<hash>")
     fail_at_epoch: int | None = Field(default=None, ge=1, description="Test-only: a worker raises once at this epoch")
     filtered: bool = Field(default=True, description="Use only synthetic rows kept by the CLIP filter")
     crop_scale_min: float = Field(default=0.08, gt=0, le=1, description="RandomResizedCrop: smallest area fraction")
@@ -439,7 +472,7 @@ class SweepConfig(Section):
     include_baseline: bool = True
     grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial can be stopped")
     trial_cpus: float = Field(default=1.0, gt=0, description="CPUs of each Tune trial's driver (besides its workers)")
-    output: str | None = Field(default=None, description="Default <run>/sweep/<hash>")
+    output: OptionalOutputUri = Field(default=None, description="Default <run>/sweep/<hash>")
 
     @field_validator("multiplier")
     @classmethod
@@ -507,7 +540,7 @@ class SweepConfig(Section):
 class EvaluateConfig(Section):
     """`diffmix evaluate`: a finished classifier on a second dataset (e.g. the CUB classifier on Waterbirds)."""
 
-    classifier: str | None = Field(default=None, description="A classify output folder; default this config's")
+    classifier: OptionalInputUri = Field(default=None, description="A classify output folder; default this config's")
     dataset: DatasetConfig | None = Field(default=None, description="The dataset to evaluate on (same keys as "
                                           "`dataset`); its `group` column gives per-group accuracy")
     split: Literal["test", "train", "all"] = Field(default="test", description="Which of its rows to evaluate")
@@ -517,14 +550,14 @@ class EvaluateConfig(Section):
     max_actors: int = Field(default=1, ge=1, description="Upper size of the predictor actor pool")
     cpus_per_actor: float = Field(default=1.0, gt=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
-    output: str | None = Field(default=None, description="Default <run>/evaluate/<hash>")
+    output: OptionalOutputUri = Field(default=None, description="Default <run>/evaluate/<hash>")
 
 
 class TrackingConfig(Section):
     """Where training curves go besides metrics.json (engine.tracking); never part of an output hash."""
 
     tensorboard: bool = Field(default=True, description="TensorBoard event files in each run's tensorboard/")
-    mlflow_uri: str | None = Field(default=None, description="MLflow tracking URI (e.g. file:///path/mlruns or "
+    mlflow_uri: TrackingUri = Field(default=None, description="MLflow tracking URI (e.g. file:///path/mlruns or "
                                    "http://host:5000); needs the `mlflow` extra")
     mlflow_experiment: str = Field(default="diffmix", min_length=1)
 
@@ -533,8 +566,8 @@ class ExportConfig(Section):
     """`diffmix export`: a finished synthetic set as an image folder (+ labels.jsonl) or WebDataset shards."""
 
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
-    output: str | None = Field(default=None, description="Folder URI to export to (required)")
-    synthetic: str | None = Field(default=None, description="The set's folder; default this run's one set")
+    output: OptionalOutputUri = Field(default=None, description="Folder URI to export to (required)")
+    synthetic: OptionalInputUri = Field(default=None, description="The set's folder; default this run's one set")
     filtered: bool = Field(default=True, description="Only rows the CLIP filter keeps")
     strengths: list[float] | None = Field(default=None, description="Only these strengths")
     multiplier: float | None = Field(default=None, gt=0, description="Only the plan prefix of this multiplier")
@@ -549,10 +582,10 @@ class MetricsConfig(Section):
     distance and per-class diversity, Inception FID with local weights. Measuring never changes a set."""
 
     enabled: bool = Field(default=True, description="Measure each synthetic set when it completes (manifest)")
-    inception_weights: str | None = Field(default=None, description="URI of a torchvision inception_v3 state "
+    inception_weights: OptionalInputUri = Field(default=None, description="URI of a torchvision inception_v3 state "
                                           "dict: adds Inception FID (never downloaded)")
     filtered: bool = Field(default=True, description="Measure the rows the CLIP filter keeps (what classify uses)")
-    sets: list[str] | None = Field(default=None, description="`diffmix compare-sets`: set folders; default every "
+    sets: InputUris = Field(default=None, description="`diffmix compare-sets`: set folders; default every "
                                    "set under <run>/synthetic")
     batch_size: int = Field(default=32, ge=1)
     max_actors: int = Field(default=1, ge=1, description="Upper size of the feature actor pool")
@@ -583,7 +616,7 @@ DEFAULT_NODE_PRICES: dict[str, dict[str, Any]] = {
 class CostConfig(Section):
     """`diffmix plan`: the dry run that sizes and prices a synthesis job before any GPU works."""
 
-    cluster_yaml: str = Field(default="cluster.yaml", min_length=1,
+    cluster_yaml: DriverFile = Field(default="cluster.yaml", min_length=1,
                               description="Ray cluster launcher config whose node types are priced")
     node_types: dict[str, NodePrice] = Field(
         default_factory=lambda: {k: NodePrice(**v) for k, v in DEFAULT_NODE_PRICES.items()},
@@ -648,6 +681,27 @@ class ExperimentConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _locations(section: BaseModel, prefix: str) -> Iterator[tuple[str, Location, Any]]:
+    """(dotted key, marker, value) of every path field under `section` (nested sections included)."""
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        marker = next((m for m in info.metadata if isinstance(m, Location)), None)
+        if marker is not None:
+            yield f"{prefix}{name}", marker, value
+        elif isinstance(value, BaseModel):
+            yield from _locations(value, f"{prefix}{name}.")
+
+
+def shared_local_paths(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """(key, path) of the set path fields that every node must reach and that point at local disk (per-node
+    caches and driver-only files left out)."""
+    out = []
+    for key, marker, value in _locations(config, ""):
+        values = value if isinstance(value, list) else [value]
+        out += [(key, v) for v in values if marker.shared and isinstance(v, str) and is_local_location(v)]
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -135,7 +135,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                          f"strengths={ex.strengths}, multiplier={ex.multiplier})")
     units = work_units(selection, ex.shard_rows if ex.format == "webdataset" else ex.rows_per_task)
     folders = class_folders(sset.class_names) if ex.format == "imagefolder" else None
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     ordered()
     log.info("export: %d rows of %s as %s in %d tasks -> %s", selection.num_rows, redact(uri), ex.format,
              len(units), redact(ex.output))

@@ -32,7 +32,7 @@ from engine.models.base import ModelRef
 from engine.models.settings import model_settings
 from engine.models.adapters import (ADAPTER_JSON, AdapterError, AdapterInfo, fingerprint_folder, read_adapter_info,
                                     write_adapter_info)
-from engine.ray_local import ensure_ray
+from engine.ray_local import ensure_ray, join_checked
 from engine.rates import rate
 from engine.ray_local import Needs
 from engine.tracking import Tracker, check_tracking
@@ -428,6 +428,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     ft = config.finetune
     check_tracking(config.tracking)
+    join_checked(config)
     storage = Storage.from_config(config)
     ds = load_dataset(config, storage)
     validate_inputs(config, ds)
@@ -442,7 +443,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         log.info("finetune already done for this config (%s): adapter artifact at %s", key, redact(out))
         return _summary(done, reused=True, elapsed_s=round(time.perf_counter() - t0, 2))
 
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     use_gpu = cluster_has_gpu(ft.use_gpu)
     ray_uri = join(config.run.uri, "finetune-ray")
     name = f"ft-{key}"
@@ -464,7 +465,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
              key, ft.strategy, ds.num_classes, ft.steps, ft.batch_size, ft.num_workers,
              "GPU" if use_gpu else "CPU", redact(join(ray_uri, name)))
     result = fit_watched(trainer, "finetune", config.cluster,
-                         train_labels("finetune", ft.cpus_per_worker, use_gpu, ft.data_cpus), join(ray_uri, name))
+                         train_labels("finetune", ft.cpus_per_worker, use_gpu, ft.data_cpus, ft.worker_resources),
+                         join(ray_uri, name))
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {key} finished without a checkpoint (see {redact(join(ray_uri, name))})")
     metrics = dict(result.metrics or {})

@@ -39,7 +39,7 @@ def start_ray_for(config: ExperimentConfig, stages: list[str], what: str, size_f
     later one waiting forever). Fails now when the cluster can never hold one of them."""
     needs = Needs.largest(*(stage_needs(s, config) for s in stages), what=what)
     size = Needs.largest(needs, *(size_for or []), Needs(min_cpus), what=what)
-    return ensure_ray(needs, config.cluster.wait_for_nodes, size_for=size, **init_kwargs)
+    return ensure_ray(needs, size_for=size, config=config, **init_kwargs)
 
 
 def sweep(config: ExperimentConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from engine.data import ImageDataset, load_dataset
 from engine.finetune import ARTIFACT_SUBDIR, PROGRESS_FILE, decode_split, make_loop_config, train_loop
 from engine.models.base import ModelRef
 from engine.models.tiny import SDArch, TINY_BUILDER_VERSION, build_untrained_sd
-from engine.ray_local import Needs, ensure_ray
+from engine.ray_local import Needs, ensure_ray, join_checked
 from engine.ray_train import fit_watched, make_trainer, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
 from engine.storage import Storage, is_local, join, redact
@@ -132,7 +132,8 @@ def _phase(config: ExperimentConfig, ds: ImageDataset, storage: Storage, phase: 
     log.info("pretrain %s phase %s: %d steps, batch %d over %d %s worker(s)", key, phase, steps, pt.batch_size,
              pt.num_workers, "GPU" if use_gpu else "CPU")
     result = fit_watched(trainer, f"pretrain ({phase})", config.cluster,
-                         train_labels("pretrain", pt.cpus_per_worker, use_gpu), join(work, "ray", name))
+                         train_labels("pretrain", pt.cpus_per_worker, use_gpu, None, pt.worker_resources),
+                         join(work, "ray", name))
     if result.checkpoint is None:
         raise RuntimeError(f"pretrain phase {phase} finished without a checkpoint ({redact(join(work, 'ray', name))})")
     local = tempfile.mkdtemp(prefix=f"diffmix-pt-{phase}-")
@@ -195,6 +196,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     pt = config.pretrain
+    join_checked(config)
     storage = Storage.from_config(config)
     ds = load_dataset(config, storage, apply_subset=False)
     validate_inputs(config, ds)
@@ -209,7 +211,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         log.warning("model at %s was pre-trained with another config (%s); it will be replaced", redact(out),
                     done.get("key"))
 
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     import ray
 
     use_gpu = cluster_has_gpu(pt.use_gpu)

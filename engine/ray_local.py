@@ -126,13 +126,17 @@ def own_address(init_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False, size_for: Needs | None = None,
-               **init_kwargs: Any) -> bool:
+               config: Any = None, **init_kwargs: Any) -> bool:
     """Join the running or addressed cluster (RAY_ADDRESS, `ray job submit`, a `ray start` on this machine),
     else start a local one with at least `size_for.cpu` (default `needs.cpu`) logical CPUs (more than the
-    cores let fractional tasks of overlapping stages pack); then check that `needs`, the least the job holds
-    at once, fits (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
+    cores let fractional tasks of overlapping stages pack); then check that the stage's local paths are
+    reachable from every node (`check_shared_paths`, with the stage's `config`: an ExperimentConfig, whose
+    `cluster.wait_for_nodes` also counts) and that `needs`, the least the job holds at once, fits
+    (`check_fits`). `init_kwargs` go to the local `ray.init` only. Returns True when it started one."""
     import ray
 
+    if config is not None:
+        wait_for_nodes = wait_for_nodes or config.cluster.wait_for_nodes
     if isinstance(needs, (int, float)):
         needs = Needs(float(needs))
     size_for = size_for or needs
@@ -149,9 +153,48 @@ def ensure_ray(needs: Needs | float | None = None, wait_for_nodes: bool = False,
             with own_address(init_kwargs) as init_kwargs:
                 ray.init(num_cpus=cpus, **init_kwargs)
             started = True
+    if config is not None:
+        check_shared_paths(config)
     if needs is not None:
         check_fits(needs, wait_for_nodes)
     return started
+
+
+def join_checked(config: Any) -> None:
+    """At a stage's start, before it reads anything: on a cluster it joins (RAY_ADDRESS, `ray job submit`, a
+    `ray start` on the machine), join it and check the config's local paths (`check_shared_paths`); without
+    one the stage starts a local instance later (one node: nothing to check)."""
+    if joins_cluster():
+        ensure_ray(config=config)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes (`ray.nodes()` entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_paths(config: Any) -> None:
+    """Fail now when a path every node must reach (run.output, dataset.uri, ...) is on local disk and the
+    cluster has more than one node, or an autoscaler that can add some: each node would read and write its
+    own disk (a set's shards on one node, its manifest on another). `storage.shared_local` says the local
+    paths are one shared mount (NFS) at the same place on every node."""
+    from engine.config import shared_local_paths
+    from engine.storage import StorageError
+
+    local = [] if config.storage.shared_local else shared_local_paths(config)
+    if not local:
+        return
+    nodes, grows = len(alive_nodes()), autoscaler_limit() is not None
+    if nodes <= 1 and not grows:
+        return
+    where = f"{nodes} nodes" + (" and an autoscaler that can add more" if grows else "")
+    named = ", ".join(f"{key} ({path})" for key, path in local)
+    raise StorageError(
+        f"{named}: a local path, but this Ray cluster has {where}, and each node would read and write its own "
+        "disk: use a URI every node reaches (s3://...), or set storage.shared_local=true if it is a shared "
+        "mount (NFS) at the same path on every node")
 
 
 def autoscaler_limit() -> dict[str, float] | None:

@@ -73,23 +73,28 @@ def train_needs(section: str, num_workers: int, cpus_per_worker: float, use_gpu:
                  custom={k: num_workers * v for k, v in (worker_resources or {}).items()})
 
 
-def train_labels(section: str, cpus_per_worker: float, gpu: bool, data_cpus: float | None = None) -> dict:
-    """Train workers and their decode tasks by request shape, for the stall watchdog."""
-    entries = [({"CPU": cpus_per_worker, "GPU": 1.0 if gpu else 0.0}, f"{section} Train workers")]
+def train_labels(section: str, cpus_per_worker: float, gpu: bool, data_cpus: float | None = None,
+                 worker_resources: dict[str, float] | None = None) -> dict:
+    """Train workers (each a placement-group bundle of its CPUs, GPU and custom resources) and their decode
+    tasks by request shape, for the stall watchdog."""
+    entries = [({"CPU": cpus_per_worker, "GPU": 1.0 if gpu else 0.0, **(worker_resources or {})},
+                f"{section} Train workers")]
     if data_cpus:
         entries.append(({"CPU": data_cpus}, f"{section} decode tasks ({section}.data_cpus)"))
     return labels_for(entries)
 
 
 def fit_watched(trainer: Any, what: str, cluster: Any, labels: dict, checkpoints: str) -> Any:
-    """`trainer.fit()` with the stall watchdog on (requests waiting for resources are named in a warning).
+    """`trainer.fit()` with the stall watchdog on (requests waiting for resources are named in a warning, and
+    a worker group that cannot be placed within the cluster's bounds fails the stage, engine.watchdog).
 
     A worker's StorageError becomes the stage's error (its line names the URI and the bound); so does a
     timeout or lost connection in Train's own use of the checkpoint storage `checkpoints` (the controller
     records each checkpoint there; every request is bounded, engine.storage.BoundedS3FileSystem)."""
-    with Watchdog(what, cluster.stall_warn_s, cluster.stall_warn_factor, labels), surfaced(StorageError):
+    with Watchdog(what, cluster.stall_warn_s, cluster.stall_warn_factor, labels, cluster=cluster) as watchdog, \
+            surfaced(StorageError):
         try:
-            return trainer.fit()
+            return watchdog.call(trainer.fit)
         except Exception as exc:  # re-raised as it is unless it is a storage failure (below)
             if find_cause(exc, StorageError) is not None:
                 raise

@@ -1,23 +1,32 @@
-"""Say so when a stage stops moving: work queued that Ray cannot place, or nothing committed for too long.
+"""Say so when a stage stops moving, and end it when it waits for resources it cannot get.
 
 A background thread in the driver polls the cluster's pending resource requests (what `ray status` lists
-as pending demands) and the stage's own heartbeat (`beat()`, e.g. one per committed shard file). It never
-stops the stage (an autoscaler may be on its way, a store may come back; storage calls have their own
-bounds, engine.storage): it logs one warning per stall naming what waits and for what, so a job that
-cannot progress is never silent.
+as pending demands) and the stage's own heartbeat (`beat()`, e.g. one per committed shard file). It logs one
+warning per stall naming what waits and for what, so a job that cannot progress is never silent.
+
+It also bounds the wait (`cluster.max_resource_wait_s`): when one of the stage's own requests has waited
+that long while the stage made no progress, the stage fails with a ResourceError naming the operator and
+the resource. On a cluster that cannot grow (no autoscaler, no `cluster.wait_for_nodes`), a request that
+no live node can ever hold (the only node with a slot was lost) fails after `cluster.infeasible_grace_s`.
+The stage's blocking part runs under `watch` / `call`, which raise that error as soon as it is decided.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import statistics
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Shape = frozenset  # a resource request, e.g. frozenset({("CPU", 0.5)})
 MIN_IDLE_WARN_S = 30.0  # never warn about a pause shorter than this, however regular the heartbeat
+# A request unseen for this long stops counting as waiting: Ray Train retries a worker group that cannot start
+# with a new placement group (the same shape), and a poll between the two must not restart the clock.
+FORGET_AFTER_S = 15.0
 
 
 def shape(resources: dict[str, float]) -> Shape:
@@ -46,6 +55,26 @@ def pending_demands() -> dict[Shape, int]:
     return out
 
 
+def node_resources() -> list[dict[str, float]]:
+    """Total resources of each live node."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def fits_a_node(s: Shape, nodes: list[dict[str, float]]) -> bool:
+    """Whether some node's total resources can hold the request `s` (once what holds them is done)."""
+    return any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in s) for node in nodes)
+
+
+def fixed_cluster(cluster: Any) -> bool:
+    """No autoscaler, and no one said nodes are coming (`cluster.wait_for_nodes`): what no node has now, no
+    node will have."""
+    from engine.ray_local import autoscaler_limit
+
+    return not cluster.wait_for_nodes and autoscaler_limit() is None
+
+
 def free_resources() -> str:
     import ray
 
@@ -56,18 +85,28 @@ def free_resources() -> str:
 class Watchdog:
     """Warn (once per stall) about requests pending longer than `warn_after_s`, and about a heartbeat that
     stopped: no `beat()` for `warn_after_s` before the first one, or for `factor` x the usual interval
-    (at least MIN_IDLE_WARN_S) after it. `labels` name the stage's operators by their request shape."""
+    (at least MIN_IDLE_WARN_S) after it. `labels` name the stage's operators by their request shape.
+
+    Give up (`failure`, raised by `watch` / `call`) when one of the labelled requests has waited, with no beat
+    since it began, `max_wait_s` (None: never), or `infeasible_grace_s` when no node can hold it (None: the
+    cluster may grow). `cluster` (a ClusterConfig) sets both from `cluster.max_resource_wait_s` and, on a
+    cluster that cannot grow, `cluster.infeasible_grace_s`; `nodes` gives the live nodes' total resources."""
 
     def __init__(self, stage: str, warn_after_s: float, factor: float = 5.0,
                  labels: dict[Shape, str] | None = None, idle: Callable[[float], str] | None = None,
-                 poll_s: float = 2.0, demands: Callable[[], dict[Shape, int]] = pending_demands) -> None:
+                 poll_s: float = 2.0, demands: Callable[[], dict[Shape, int]] = pending_demands,
+                 cluster: Any = None, max_wait_s: float | None = None, infeasible_grace_s: float | None = None,
+                 nodes: Callable[[], list[dict[str, float]]] = node_resources) -> None:
         self.stage, self.warn_after_s, self.factor = stage, warn_after_s, factor
         self.labels, self.idle, self.poll_s, self.demands = labels or {}, idle, poll_s, demands
+        self.cluster, self.max_wait_s, self.infeasible_grace_s, self.nodes = cluster, max_wait_s, infeasible_grace_s, nodes
         self.last_beat = time.monotonic()
         self.beats = 0
         self.intervals: list[float] = []
         self.pending_since: dict[Shape, float] = {}
+        self.waiting: dict[Shape, tuple[float, float]] = {}  # labelled request -> (first seen, last seen)
         self.warned: set[Any] = set()
+        self.failure: Exception | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -113,7 +152,93 @@ class Watchdog:
             out.append(f"{self.stage}: {self.idle(idle_s)}")
         for line in out:
             log.warning("%s", line)
+        if self.failure is None:
+            self._give_up_if_starved(pending, now)
         return out
+
+    # --- bounded waits -----------------------------------------------------------------------
+    def _give_up_if_starved(self, pending: dict[Shape, int], now: float) -> None:
+        """Record the stage's failure when one of its requests has waited past its bound without progress."""
+        for s in pending:
+            if s in self.labels:
+                self.waiting[s] = (self.waiting.get(s, (now, now))[0], now)
+        self.waiting = {s: seen for s, seen in self.waiting.items() if now - seen[1] <= FORGET_AFTER_S}
+        if not self.waiting or (self.max_wait_s is None and self.infeasible_grace_s is None):
+            return
+        try:
+            nodes = self.nodes() if self.infeasible_grace_s is not None else []
+        except Exception as exc:  # the node table is best effort, as the demands are: decide on the next poll
+            log.debug("watchdog: cannot read the nodes: %s", exc)
+            return
+        for s, (first, _) in self.waiting.items():
+            waited = now - max(first, self.last_beat)  # no progress since it began waiting
+            never = self.infeasible_grace_s is not None and not fits_a_node(s, nodes)
+            bound = self.infeasible_grace_s if never else self.max_wait_s
+            if bound is not None and waited >= bound:
+                self.failure = self._starved(s, waited, never, nodes)
+                log.error("%s", self.failure)
+                return
+
+    def _starved(self, s: Shape, waited: float, never: bool, nodes: list[dict[str, float]]) -> Exception:
+        from engine.ray_local import ResourceError
+
+        what = f"{self.stage}: {self.label(s)} waited {waited:.0f} s for {describe(s)}"
+        if never:
+            have = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k, _ in s}
+            return ResourceError(
+                f"{what}, which no node of this cluster can hold (it has no autoscaler; the most any live node has "
+                f"is {describe(frozenset(have.items()))}): a node with it was lost or never joined. Add one and "
+                "run again (finished work is kept), or set cluster.wait_for_nodes=true to wait for it "
+                "(cluster.max_resource_wait_s bounds that wait)")
+        return ResourceError(
+            f"{what} while the stage made no progress (cluster.max_resource_wait_s = {self.max_wait_s:g}); the "
+            f"cluster has {_free()}. Free or add those resources and run again (finished work is kept), or "
+            "raise cluster.max_resource_wait_s")
+
+    def watch(self, items: Iterable[T]) -> Iterator[T]:
+        """`items`, consumed in a helper thread so that the stage fails with the watchdog's ResourceError as
+        soon as it gives up, even while the next item never comes (a stream whose actor waits for a node);
+        the producer's own errors are raised here as they are."""
+        box: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in items:
+                    box.put((True, item))
+                    if stop.is_set():
+                        break
+                box.put((False, None))
+            except BaseException as exc:  # handed to the consumer, which raises it
+                box.put((False, exc))
+            finally:
+                close = getattr(items, "close", None)
+                if stop.is_set() and close is not None:
+                    close()
+
+        threading.Thread(target=produce, name=f"watched-{self.stage}", daemon=True).start()
+        try:
+            while True:
+                try:
+                    more, value = box.get(timeout=self.poll_s)
+                except queue.Empty:
+                    self._raise_failure()
+                    continue
+                if not more:
+                    if value is not None:
+                        raise value
+                    return
+                yield value
+        finally:
+            stop.set()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` in a helper thread; its result or error, or the watchdog's ResourceError once it gives up."""
+        return next(iter(self.watch(_once(fn))))
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
     # --- thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -121,6 +246,9 @@ class Watchdog:
             self.check()
 
     def __enter__(self) -> "Watchdog":
+        if self.cluster is not None:
+            self.max_wait_s = self.cluster.max_resource_wait_s
+            self.infeasible_grace_s = self.cluster.infeasible_grace_s if fixed_cluster(self.cluster) else None
         self._thread = threading.Thread(target=self._run, name=f"watchdog-{self.stage}", daemon=True)
         self._thread.start()
         return self
@@ -129,6 +257,10 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_s + 5)
+
+
+def _once(fn: Callable[[], T]) -> Iterator[T]:
+    yield fn()
 
 
 def _free() -> str:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -12,7 +14,7 @@ def write(tmp_path, data) -> str:
 
 def test_defaults_and_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, {"run": {"name": "x", "seed": 3}, "dataset": {"source": "builtin"}}))
-    assert cfg.run.name == "x" and cfg.run.seed == 3 and cfg.run.uri == "runs/x"
+    assert cfg.run.name == "x" and cfg.run.seed == 3 and cfg.run.uri == os.path.join(os.getcwd(), "runs", "x")
     again = load_config(write(tmp_path, yaml.safe_load(cfg.to_yaml())))
     assert again == cfg
     assert again.hash() == cfg.hash()
@@ -90,3 +92,57 @@ def test_preset_sits_between_the_yaml_and_the_overrides(tmp_path):
         load_config(None, ["preset=diffmix"])
     with pytest.raises(ConfigError, match="preset must be a name"):
         load_config(None, ["preset=[cutmix]"])
+
+
+def test_relative_paths_are_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    """Every path key (defaults included) is resolved once, against the loading process's working directory;
+    URIs, model names and hub ids are left alone; `~` is expanded. A process that validates the dumped config
+    again elsewhere (a Tune trial, a Train worker) gets the same absolute paths, whatever its own directory."""
+    from engine.config import shared_local_paths, validate
+
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    (tmp_path / "mymodel").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["dataset.source=imagefolder", "dataset.uri=file://data/birds", "model.base=mymodel",
+                             "model.clip=openai/clip-vit-base-patch32", "classify.synthetic=s3://b/set",
+                             "classify.pretrained=./weights.pt", "evaluate.classifier=../other/classify",
+                             "metrics.sets=[sets/a, gs://b/c]", "tracking.mlflow_uri=mlruns", "model.cache_dir=~/c"])
+    at = lambda *p: os.path.join(str(tmp_path), *p)  # noqa: E731
+    assert (cfg.run.output, cfg.dataset.uri, cfg.model.base, cfg.model.clip, cfg.classify.synthetic) == (
+        at("runs"), at("data", "birds"), at("mymodel"), "openai/clip-vit-base-patch32", "s3://b/set")
+    assert (cfg.classify.pretrained, cfg.evaluate.classifier, cfg.metrics.sets, cfg.tracking.mlflow_uri) == (
+        at("weights.pt"), os.path.join(os.path.dirname(str(tmp_path)), "other", "classify"), [at("sets", "a"),
+                                                                                              "gs://b/c"], at("mlruns"))
+    assert cfg.model.cache_dir == os.path.expanduser("~/c") and cfg.cost.cluster_yaml == at("cluster.yaml")
+    assert load_config(None, ["model.base=tiny"]).model.base == "tiny"
+    assert load_config(None, ["model.base=org/name", "tracking.mlflow_uri=databricks"]).model.base == "org/name"
+    cfg.run.output = "elsewhere"  # an assignment is validated too
+    assert cfg.run.output == at("elsewhere")
+    monkeypatch.chdir(tmp_path / "models")
+    again = validate(cfg.model_dump(mode="json"))
+    assert again == cfg
+    # what every node must reach: the local ones among them (not the per-node cache or the driver's files)
+    assert sorted(k for k, _ in shared_local_paths(cfg)) == ["classify.pretrained", "dataset.uri",
+                                                           "evaluate.classifier", "metrics.sets", "model.base",
+                                                           "run.output", "tracking.mlflow_uri"]
+
+
+def test_a_relative_output_in_a_submitted_jobs_working_dir_is_warned_about(tmp_path, monkeypatch, caplog):
+    """Under `ray job submit --working-dir`, the driver runs in the job's unpacked copy of that folder (Ray puts
+    the job's runtime_env in its environment): a relative input there is a file shipped with the job, fine; a
+    relative output would be written into the copy, which Ray deletes later: a warning names it."""
+    import json
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    with caplog.at_level(logging.WARNING, logger="engine.locations"):
+        cfg = load_config(None, ["dataset.source=imagefolder", "dataset.uri=data/birds", "run.output=/abs/runs",
+                                 "classify.output=out/classify"])
+    assert cfg.dataset.uri == str(tmp_path / "data" / "birds") and cfg.classify.output == str(tmp_path / "out" / "classify")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "'out/classify' is relative" in warned[0] and str(tmp_path) in warned[0], warned
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    caplog.clear()
+    load_config(None, ["run.output=runs"])
+    assert not caplog.records

@@ -53,13 +53,16 @@ def submit_and_wait(ray_cluster, entrypoint: list[str], timeout_s: float = 600, 
 
 
 def test_check_job_via_ray_job_submit(ray_cluster, tmp_path):
+    """The job's driver runs in its copy of the working dir: the relative config path is found there, and the
+    relative output is resolved there too, with a warning that the copy is not a place for outputs."""
     status, logs = submit_and_wait(ray_cluster, [
         "python", "jobs/check.py", "--config", "examples/demo.yaml",
-        f"run.output={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}",
+        "run.output=runs-in-the-job", f"model.cache_dir={tmp_path / 'cache'}",
     ])
     assert status == "SUCCEEDED", logs
     assert '"classes": 10' in logs and "check ok" in logs
     assert os.path.isdir(tmp_path / "cache")
+    assert "'runs-in-the-job' is relative: in this Ray job it is" in logs and "job's copy of its working dir" in logs
 
 
 def test_failed_job_reports_the_bad_key(ray_cluster, tmp_path):

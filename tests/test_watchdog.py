@@ -80,3 +80,82 @@ def test_starved_stream_is_named_in_a_warning_then_finishes(ray_session, tiny_ca
     assert "Translator actors" in warning and "{CPU: 1}" in warning
     assert re.search(r"CPU (0|0\.5) of 4 free", warning), warning
     assert result["written"] == 10 and result["rows"] == 10
+
+
+def test_a_request_no_node_can_hold_fails_after_the_grace_and_others_after_the_bound():
+    """The decision alone (demands and nodes given): the stage's own request that no live node can hold fails
+    after `infeasible_grace_s`, one that fits a node but stays unplaced after `max_wait_s`, each counted from
+    the stage's last progress; other jobs' requests never fail the stage; a request Ray re-makes (Train's next
+    placement group) keeps its clock across a short gap."""
+    translator = shape({"CPU": 0.5, "gpu_slot": 1.0})
+    demands: dict = {translator: 1, shape({"CPU": 7.0}): 1}  # the second one is another job's
+    nodes = [{"CPU": 4.0}]  # the only node with a gpu_slot is gone
+    dog = Watchdog("synthesis", warn_after_s=1000, labels=labels_for([({"CPU": 0.5, "gpu_slot": 1.0}, "Translator actors")]),
+                   demands=lambda: dict(demands), max_wait_s=100, infeasible_grace_s=10, nodes=lambda: nodes)
+    t0 = dog.last_beat
+    dog.check(t0 + 1)
+    dog.check(t0 + 9)
+    assert dog.failure is None
+    dog.last_beat = t0 + 9  # a beat (a committed file) then: progress restarts the clock
+    dog.check(t0 + 18)
+    assert dog.failure is None
+    dog.check(t0 + 19.5)
+    message = str(dog.failure)
+    assert "synthesis: Translator actors waited 10 s for {CPU: 0.5, gpu_slot: 1}" in message, message
+    assert "no node of this cluster can hold" in message and "gpu_slot: 0" in message and "\n" not in message
+    # the slot exists (a node has it) but stays taken: the general bound, across a gap shorter than the forget time
+    nodes.append({"CPU": 1.0, "gpu_slot": 1.0})
+    dog = Watchdog("finetune", warn_after_s=1000, labels=labels_for([({"CPU": 0.5, "gpu_slot": 1.0}, "finetune Train workers")]),
+                   demands=lambda: dict(demands), max_wait_s=100, infeasible_grace_s=10, nodes=lambda: nodes)
+    t0 = dog.last_beat
+    dog.check(t0 + 1)
+    dog.check(t0 + 40)
+    demands.pop(translator)
+    dog.check(t0 + 50)  # the worker group was torn down, and is about to be asked for again
+    demands[translator] = 1
+    dog.check(t0 + 60)
+    assert dog.failure is None
+    dog.check(t0 + 101)
+    assert "finetune Train workers waited 100 s" in str(dog.failure) and "max_resource_wait_s = 100" in str(dog.failure)
+    # only another job's request, or no bound at all: never
+    for labels, bound in (({}, 100), (dog.labels, None)):
+        other = Watchdog("x", 1000, labels=labels, demands=lambda: dict(demands), max_wait_s=bound, nodes=lambda: [])
+        other.check(other.last_beat + 1)
+        other.check(other.last_beat + 10_000)
+        assert other.failure is None
+
+
+def test_watch_and_call_raise_the_failure_while_the_stage_blocks():
+    """A stream whose next item never comes, and a call that never returns: both end with the watchdog's
+    error once it gives up (polled every poll_s); items and errors before that pass through unchanged."""
+    import threading
+
+    import pytest
+
+    from engine.ray_local import ResourceError
+
+    release = threading.Event()
+
+    def stream():
+        yield 1
+        release.wait(30)  # a window bound to an actor that waits for a node
+        yield 2
+
+    dog = Watchdog("synthesis", 1000, poll_s=0.05, demands=dict)
+    seen = []
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match="gave up"):
+        for item in dog.watch(stream()):
+            seen.append(item)
+            dog.failure = ResourceError("synthesis: gave up")  # what check() records
+    assert seen == [1] and time.monotonic() - t0 < 5
+    release.set()
+    dog = Watchdog("classify", 1000, poll_s=0.05, demands=dict)
+    assert dog.call(lambda: 42) == 42
+    with pytest.raises(ValueError, match="boom"):
+        dog.call(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    blocker = threading.Event()
+    threading.Timer(0.2, lambda: setattr(dog, "failure", ResourceError("classify: gave up"))).start()
+    with pytest.raises(ResourceError, match="classify: gave up"):
+        dog.call(lambda: blocker.wait(30))
+    blocker.set()

@@ -156,7 +156,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     lookup = label_lookup(classifier.class_names, ds.class_names, ev.class_map)
     index = pa.concat_tables([ds.index(s).select(["id", "label", "group"]) for s in eval_splits(ev.split)])
     group_ids = sorted({int(g) for g in index.column("group").to_pylist() if g is not None})
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     rows = eval_rows(ds, ev.split).map_batches(
         Predictor, batch_format="pyarrow", batch_size=ev.batch_size,
         compute=ActorPoolStrategy(min_size=1, max_size=ev.max_actors), num_cpus=ev.cpus_per_actor,

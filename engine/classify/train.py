@@ -37,13 +37,14 @@ from engine.config import ExperimentConfig
 from engine.data.dataset import ImageDataset
 from engine.data.epochs import Block, ordered
 from engine.data.shards import ShardError, complete_sets
+from engine.locations import absolute_path
 from engine.models.errors import ModelError
 from engine.ray_local import ensure_ray
 from engine.rates import rate
 from engine.ray_local import Needs
 from engine.ray_train import fit_watched, make_trainer, report_checkpoint, train_labels, train_needs
 from engine.ray_train import use_gpu as cluster_has_gpu
-from engine.storage import Storage, is_local, join, redact
+from engine.storage import Storage, join, redact
 from engine.tracking import check_tracking
 from engine.weights import load_weights
 
@@ -104,10 +105,9 @@ def prepare_inputs(config: ExperimentConfig, dataset: ImageDataset, rows_per_blo
 
 
 def absolute(uri: str) -> str:
-    """Local paths become absolute: Train workers run in their own working directory."""
-    if not is_local(uri):
-        return uri
-    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    """Local paths become absolute: Train workers run in their own working directory (the config's paths
+    already are, engine.locations; this covers the paths a stage derives from them)."""
+    return absolute_path(uri)
 
 
 def output_uri(config: ExperimentConfig) -> str:
@@ -158,7 +158,8 @@ def fit(config: ExperimentConfig, inputs: Inputs, output: str | None = None,
              cfg.backbone, cfg.resolution, cfg.epochs, cfg.p, cfg.gamma, inputs.num_train, len(selection),
              redact(output))
     result = fit_watched(trainer, "classify", config.cluster,
-                         train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus), join(output, "train"))
+                         train_labels("classify", cfg.cpus_per_worker, gpu, cfg.data_cpus, cfg.worker_resources),
+                         join(output, "train"))
     metrics = {k: v for k, v in (result.metrics or {}).items() if _jsonable(v)}
     history = [json.loads(storage.read_text(f)) for f in sorted(storage.glob(join(output, HISTORY), "epoch-*.json"))]
     summary = {
@@ -204,7 +205,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     same config and inputs is reused (`"reused": true`)."""
     from engine.data import load_dataset
 
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     storage = Storage.from_config(config)
     dataset = load_dataset(config, storage)
     inputs = prepare_inputs(config, dataset)

@@ -14,8 +14,10 @@ import csv
 import io
 import logging
 import math
+import os
 import statistics
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from engine.classify.train import Inputs, absolute, fit, prepare_inputs, resource_needs
 from engine.ray_local import Needs, ensure_ray
@@ -235,6 +237,64 @@ def to_markdown(columns: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"  # logs each failed trial with its whole traceback
+
+
+def engine_error(error: BaseException) -> BaseException | None:
+    """The engine's own error in a failed trial's chain (its line names the URI, key or file), else None."""
+    from engine.cli import expected_error
+
+    found = expected_error(error)
+    return None if found is None else found[0]
+
+
+class OneLineTrialErrors(logging.Filter):
+    """Tune's record of a failed trial carries its traceback (and the trial's remote one inside it): when the
+    error is the engine's, the record keeps Tune's words and that error's one line instead; a bug keeps all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        found = engine_error(error) if error is not None else None
+        if found is not None:
+            record.msg, record.args = f"{record.getMessage()}: {str(found).splitlines()[0]}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Around a Tuner's fit: its console reporter off (Tune's new output prints every failed trial with its
+    error file whatever `verbose` says; the engine logs the grid and the results) and its failed-trial records
+    cut to one line (`OneLineTrialErrors`)."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, which `verbose=0` silences
+    one_line = OneLineTrialErrors()
+    logging.getLogger(TUNE_CONTROLLER_LOG).addFilter(one_line)
+    try:
+        yield
+    finally:
+        logging.getLogger(TUNE_CONTROLLER_LOG).removeFilter(one_line)
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
+def sweep_failure(failed: list[tuple[str, BaseException]], total: int, md_uri: str) -> BaseException:
+    """One error for a sweep's failed trials: when each is an engine error, the first one's class (so its exit
+    code) with every trial's one line, in one line; when one is a bug, a RuntimeError with the whole texts."""
+    errors = [(trial, engine_error(error), error) for trial, error in failed]
+    head = f"sweep: {len(failed)} of {total} trial(s) failed (table at {redact(md_uri)})"
+    if all(found is not None for _, found, _ in errors):
+        first = errors[0][1]
+        lines = "; ".join(f"{trial}: {str(found).splitlines()[0]}" for trial, found, _ in errors)
+        try:
+            return type(first)(f"{head}: {lines}")
+        except TypeError:  # an engine error whose constructor takes more than a message: its own line
+            return first
+    return RuntimeError(f"{head}:\n" + "\n".join(f"{trial}: {error}" for trial, _, error in errors))
+
+
 def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None = None) -> dict[str, Any]:
     """Make sure each strength set has a synthetic set, run the grid on Tune, write the results table."""
     import ray.tune as tune
@@ -242,7 +302,7 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
 
     from engine.data import load_dataset
 
-    ensure_ray(sweep_needs(config), config.cluster.wait_for_nodes,
+    ensure_ray(sweep_needs(config), config=config,
                size_for=sweep_needs(config, config.sweep.max_concurrent_trials))
     sweep = config.sweep
     storage = Storage.from_config(config)
@@ -274,17 +334,18 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler),
         run_config=tune.RunConfig(name="grid", storage_path=storage_path, storage_filesystem=filesystem, verbose=0),
     )
-    grid = tuner.fit()
+    with quiet_tune():
+        grid = tuner.fit()
     rows = []
-    failed = []
+    failed: list[tuple[str, BaseException]] = []
     for result in grid:
         point = result.config["point"]
         metrics = {k: v for k, v in (result.metrics or {}).items()
                    if k in {"top1", "epoch", "train_samples_per_s_mean", "worst_group_acc", "trained_gamma",
                             "trained_p", "trained_seed"} or k.startswith("acc_")}
-        status = "ok" if result.error is None else f"error: {type(result.error).__name__}"
+        status = "ok" if result.error is None else f"error: {type(engine_error(result.error) or result.error).__name__}"
         if result.error is not None:
-            failed.append(f"{point['trial']}: {result.error}")
+            failed.append((point["trial"], result.error))
         rows.append({"point": point, "metrics": metrics, "status": status})
     rows = _sort(rows, sweep.metric, sweep.mode)
     columns, body = results_table(rows, sweep.metric)
@@ -294,8 +355,7 @@ def run_sweep(config: ExperimentConfig, ensure_synthetic: EnsureSynthetic | None
     log.info("sweep results (%s, %s):\n%s", redact(csv_uri), redact(md_uri), to_markdown(columns, body))
     over_seeds = write_seed_summary(storage, output, rows, sweep.metric, sweep.mode) if sweep.seeds else {}
     if failed:
-        raise RuntimeError(f"sweep: {len(failed)} of {len(rows)} trial(s) failed (table at {redact(md_uri)}):\n"
-                           + "\n".join(failed))
+        raise sweep_failure(failed, len(rows), md_uri)
     return {"output": output, "results_csv": csv_uri, "results_md": md_uri, "metric": sweep.metric,
             "synthetic_sets": sets, **over_seeds,
             "rows": [{**r["point"], **r["metrics"], "status": r["status"]} for r in rows]}

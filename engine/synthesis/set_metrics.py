@@ -38,6 +38,7 @@ from engine.data.shards import SyntheticSet, complete_sets
 from engine.ray_local import Needs
 from engine.storage import Storage, join, redact
 from engine.synthesis.translate import ModelRef
+from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -364,9 +365,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     """`diffmix compare-sets`: every listed set against the real train set, in one table (the paper's Table 5
     FID comparison); each set's manifest gains its figures; writes `<run>/set-metrics/<hash>.json`."""
     from engine.data import load_dataset
-    from engine.ray_local import ensure_ray
+    from engine.ray_local import ensure_ray, join_checked
     from engine.synthesis.manifest import write_manifest
 
+    join_checked(config)
     storage = Storage.from_config(config)
     check_weights(config, storage)
     folders = set_folders(config, storage)
@@ -375,7 +377,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     for s in sets:
         s.check_classes(dataset.class_names)
     clip = ModelRef.from_config(config, "clip", dataset.class_names, dataset.metaclass)
-    ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ensure_ray(resource_needs(config), config=config)
     rows, real = [], None
     for sset in sets:
         figures, real = measure_set(config, sset, dataset.train, clip, storage, real)

@@ -232,7 +232,7 @@ def ensure_ray(config: ExperimentConfig) -> None:
     """Join the cluster in RAY_ADDRESS (or `ray job submit`'s, or the one this process runs), or start a
     local one that fits the stream; a cluster that can never hold the stream is an error (engine.ray_local)."""
     check_local_gpus(config)
-    ray_local.ensure_ray(resource_needs(config), config.cluster.wait_for_nodes)
+    ray_local.ensure_ray(resource_needs(config), config=config)
     check_actor_resources(config)
 
 
@@ -329,7 +329,8 @@ def stall_watchdog(job: Job) -> Watchdog:
                 f"by storage.max_stall_s ({job.storage.max_stall_s:g} s), so a stalled store fails the job; "
                 f"resources free now: {free_resources()}")
 
-    return Watchdog("synthesis", run_cfg.stall_warn_s, run_cfg.stall_warn_factor, operator_labels(job.config), idle)
+    return Watchdog("synthesis", run_cfg.stall_warn_s, run_cfg.stall_warn_factor, operator_labels(job.config), idle,
+                    cluster=run_cfg)
 
 
 # --- finishing ---------------------------------------------------------------------------------
@@ -470,6 +471,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     `dataset` lets a caller (the pipeline, tests) pass the dataset it already loaded.
     """
     t0 = time.perf_counter()
+    ray_local.join_checked(config)
     job = prepare(config, dataset)
     syn = config.synthesis
     plan_doc = {"plan_hash": job.plan_hash, "plan": job.spec.to_dict(), "num_rows": job.total,
@@ -498,7 +500,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
         marker = os.path.join(tempfile.gettempdir(), f"diffmix-fail-{uuid.uuid4().hex}") if syn.fail_actor_after else None
         progress = Progress(int(done.size), job.total, syn.log_every_s)
         with stall_watchdog(job) as watchdog, surfaced(StorageError):
-            for stats in stream(job, windows, marker):
+            for stats in watchdog.watch(stream(job, windows, marker)):
                 new.append(stats)
                 watchdog.beat()
                 progress.update(len(stats.index))

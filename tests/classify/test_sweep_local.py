@@ -43,23 +43,24 @@ GRID = ["sweep.strengths=[[0.5], [0.9]]", "sweep.gamma=[1.0]", "sweep.p=[0.5]", 
         "sweep.asha=true", "sweep.seeds=[1]"]
 
 
-def _overrides(tmp_path: Path, tiny_cache: Path) -> list[str]:
-    return [f"run.output={tmp_path}", f"model.cache_dir={tiny_cache}", "synthesis.strategy=real-mix",
+def _overrides(tiny_cache: Path) -> list[str]:
+    """`run.output` is the demo's relative `runs`, as in README's sweep: the sweep runs in the test's folder."""
+    return ["run.output=runs", f"model.cache_dir={tiny_cache}", "synthesis.strategy=real-mix",
             "metrics.enabled=false", "synthesis.multiplier=0.5", "synthesis.num_inference_steps=5",
             "classify.epochs=1", "classify.eval_every=1", *GRID]
 
 
 def _sweep(tmp_path: Path, tiny_cache: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: a local instance
-    args = [sys.executable, "-m", "engine.cli", "sweep", "--config", "examples/demo.yaml",
-            *_overrides(tmp_path, tiny_cache)]
+    args = [sys.executable, "-m", "engine.cli", "sweep", "--config", str(REPO / "examples" / "demo.yaml"),
+            *_overrides(tiny_cache)]
 
     def two_cpus() -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
 
     log = tmp_path / "sweep.log"
     with open(log, "wb") as fh:
-        proc = subprocess.run(args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600,
+        proc = subprocess.run(args, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600,
                               preexec_fn=two_cpus)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
@@ -71,11 +72,14 @@ def _shard_times(uri: str) -> dict[str, float]:
 
 
 def test_laptop_sweep_synthesizes_each_set_once_then_trains_and_evaluates_on_two_cpus(ray_session, tmp_path,
-                                                                                   tiny_cache):
+                                                                                   tiny_cache, monkeypatch):
+    """With a relative run.output: Tune runs each trial in its own working directory, where a relative path
+    would name another folder (the trials failed with "no synthetic set at <trial dir>/runs/..."); the driver
+    resolved it once, so every trial trains on the sets under the sweep's own folder."""
     text = _sweep(tmp_path, tiny_cache)
     assert "starting a local Ray instance (3 logical CPUs" in text  # sized for synthesis, not the trials
     assert "synthetic set for strengths [0.5]" in text and "synthetic set for strengths [0.9]" in text
-    results = sorted((tmp_path / "demo" / "sweep").glob("*/results.md"))
+    results = sorted((tmp_path / "runs" / "demo" / "sweep").glob("*/results.md"))
     assert len(results) == 1
     markdown = results[0].read_text().splitlines()
     assert markdown[0].startswith("| trial | strengths | multiplier | gamma | p | seed | top1") and len(markdown) == 5
@@ -101,11 +105,12 @@ def test_laptop_sweep_synthesizes_each_set_once_then_trains_and_evaluates_on_two
         assert (entry["seeds"], entry["trials"], entry["top1_mean"], entry["top1_std"]) == ("1", "1", r["top1"], "")
 
     # one set per strength set, and resolving them again (a rerun of the sweep) reuses both: no shard rewritten
-    made = sorted(str(m.parent) for m in (tmp_path / "demo" / "synthetic").glob("*/manifest.json"))
+    made = sorted(str(m.parent) for m in (tmp_path / "runs" / "demo" / "synthetic").glob("*/manifest.json"))
     assert len(made) == 2
     shards = {uri: _shard_times(uri) for uri in made}
     assert all(shards.values())
-    config = load_config(REPO / "examples" / "demo.yaml", _overrides(tmp_path, tiny_cache))
+    monkeypatch.chdir(tmp_path)  # where the sweep's relative paths were resolved
+    config = load_config(REPO / "examples" / "demo.yaml", _overrides(tiny_cache))
     calls = []
 
     def counting(cfg):
@@ -187,3 +192,30 @@ def test_seed_summary_gives_each_points_mean_and_sample_std_over_its_finished_se
     header, lines = results_table(rows, "top1")
     assert header[:6] == ["trial", "strengths", "multiplier", "gamma", "p", "seed"]
     assert [line[5] for line in lines] == ["0", "1", "2", "0", "1", "2"]
+
+
+def test_a_failing_trial_is_one_line_naming_it_and_what_is_missing(ray_session, tmp_path, monkeypatch, caplog):
+    """A sweep whose trial fails with an engine error (its synthetic set is not there), on Tune over the test
+    cluster: Tune's record of the failed trial is that error's one line (no traceback, its own or the trial's),
+    and the sweep fails with the engine's error class (its exit code, 7) in one line naming the trial and the
+    set's absolute path, resolved where the config was loaded, not in the trial's working directory."""
+    import logging
+
+    from engine.classify.tune import TUNE_CONTROLLER_LOG, run_sweep
+    from engine.data.shards import ShardError
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(REPO / "examples" / "demo.yaml", [
+        "run.output=runs", "classify.synthetic=missing-set", "sweep.gamma=[1.0]", "sweep.p=[0.5]",
+        "sweep.include_baseline=false", "classify.epochs=1", "dataset.builtin=digits", "model.base=tiny"])
+    with caplog.at_level(logging.INFO, logger=TUNE_CONTROLLER_LOG), pytest.raises(ShardError) as err:
+        run_sweep(config)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("sweep: 1 of 1 trial(s) failed"), line
+    assert f"g=1_p=0.5: no synthetic set at {tmp_path / 'missing-set'}" in line, line
+    failed = [r for r in caplog.records if r.name == TUNE_CONTROLLER_LOG and r.levelno >= logging.ERROR]
+    assert len(failed) == 1 and failed[0].exc_info is None, [r.getMessage() for r in failed]
+    assert f"_00000: no synthetic set at {tmp_path / 'missing-set'} (missing " in failed[0].getMessage()
+    with open(tmp_path / "runs" / "demo" / "sweep" / os.listdir(tmp_path / "runs" / "demo" / "sweep")[0] /
+              "results.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["error: ShardError"]

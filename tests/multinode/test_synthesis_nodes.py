@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 
 from engine.config import ExperimentConfig, load_config
-from engine.storage import Storage
+from engine.ray_local import ResourceError
+from engine.storage import Storage, StorageError
 from engine.synthesis import run
 from engine.synthesis.sink import committed_files, read_shard
 from engine.synthesis.translate import SynthesisError
@@ -195,3 +196,58 @@ def test_a_node_added_mid_stream_grows_the_pool(uninterrupted, worker_nodes, tin
     assert final.slice(0, TOTAL).equals(rows)  # the multiplier-2 plan is this plan's prefix
     calls = translator_calls(ids(a, added))
     assert calls[added.node_id] > 0 and calls[a.node_id] > 0, calls
+
+
+@pytest.mark.s3
+# the failed stream's Ray Data executor thread, still waiting for its Translator, ends with SystemExit when the
+# test ends the driver's Ray job (new_driver_job); a `diffmix` process exits instead
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_lost_node_with_the_only_slot_fails_within_its_bound_and_a_rerun_finishes_once(
+        uninterrupted, worker_nodes, tiny_cache, s3_server, tmp_path, new_driver_job):
+    """One node has the only gpu_slot, and the stream's one Translator holds it; the set goes to local disk.
+    Without storage.shared_local a local output on this two-node cluster is refused at start, naming the keys.
+    With it (one machine's nodes share its disk), the node is SIGKILLed after a file is committed: on a cluster
+    without an autoscaler the restarting Translator can never be placed, and the stage fails within
+    cluster.infeasible_grace_s (plus Ray's noticing the node is gone) with one line naming the operator and
+    the resource, instead of waiting for ever. Only whole files are left; once a node with a slot is back, the
+    rerun commits every row exactly once, the multiplier-2 prefix byte-identical to the uninterrupted run."""
+    reference, rows = uninterrupted
+    a = worker_nodes.add(slots=1)
+    out = str(tmp_path / "set")
+    total = 2 * TOTAL  # multiplier 4: 20 windows, so the stream is still running when the node dies
+    extra = ("synthesis.multiplier=4", f"synthesis.output={out}", "cluster.infeasible_grace_s=5",
+             *on_slots("synthesis.min_actors=1", "synthesis.max_actors=1"))
+    with pytest.raises(StorageError) as refused:
+        run(config(tiny_cache, str(tmp_path / "runs"), s3_server["endpoint_url"], *extra))
+    line = str(refused.value)
+    assert "run.output" in line and "synthesis.output" in line and "storage.shared_local" in line, line
+    assert "2 nodes" in line and "\n" not in line and not (tmp_path / "set").exists()
+
+    cfg = config(tiny_cache, str(tmp_path / "runs"), s3_server["endpoint_url"], *extra, "storage.shared_local=true")
+    storage = Storage.from_config(cfg)
+    job = Background(lambda: run(cfg))
+    wait_until(lambda: storage.exists(out) and bool(committed_files(storage, out)), job, "a committed file",
+               timeout=300, poll_s=0.1)
+    worker_nodes.kill(a)
+    killed_at = time.monotonic()
+    with pytest.raises(ResourceError) as starved:
+        job.join(timeout=120)
+    took = job.finished_at - killed_at
+    message = str(starved.value)
+    assert message.startswith("synthesis: Translator actors waited") and "gpu_slot" in message, message
+    assert "no node of this cluster can hold" in message and "\n" not in message
+    # Ray calls the node dead after ~5 s of failed health checks (tests/conftest.py), then the 5 s grace
+    assert took < 45, f"failed {took:.0f} s after the node was killed"
+    committed = committed_files(storage, out)
+    assert 0 < len(committed) < total // 4  # 4 rows a file
+    partial = read_rows(storage, out)  # every committed file is whole (readable), no row twice
+    assert len(set(partial.column("index").to_pylist())) == partial.num_rows
+
+    new_driver_job()  # the failed stream's Translator still waits for a slot in this driver's Ray job
+    worker_nodes.add(slots=1)
+    summary = run(cfg)
+    assert summary["rows"] == total and summary["resumed_rows"] >= partial.num_rows
+    final = read_rows(storage, out)
+    assert final.column("index").to_pylist() == list(range(total))  # none missing, none twice
+    assert final.slice(0, TOTAL).equals(rows)
+    assert reference["plan_hash"] != summary["plan_hash"]  # another multiplier, the same plan prefix
