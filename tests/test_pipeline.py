@@ -78,7 +78,7 @@ def test_a_killed_pipeline_job_and_its_rerun_via_ray_job_submit(ray_cluster, tmp
     assert summary["finetune"]["reused"] is True and adapter_json.stat().st_mtime_ns == mtime
     assert summary["synthesize"]["resumed_rows"] > 0  # rows committed before the crash were kept
     assert summary["synthesize"]["rows"] == summary["synthesize"]["planned"]
-    manifests = list((run_dir / "synthetic").glob("*/manifest.json"))
+    manifests = list((run_dir / "synthetic").glob("*/.manifest.json"))
     assert len(manifests) == 1 and summary["synthesize"]["output"] == str(manifests[0].parent)
     metrics = list((run_dir / "classify").glob("*/metrics.json"))
     assert len(metrics) == 1 and "top1" in json.loads(metrics[0].read_text())["metrics"]

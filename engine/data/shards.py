@@ -1,9 +1,15 @@
 """The synthetic-shard contract shared by synthesis (writer) and classification (reader).
 
-A synthetic set is a folder of Parquet files, one row per image, plus `manifest.json`.
+A synthetic set is a folder of Parquet files, one row per image, plus `.manifest.json`.
 Files are named by the plan-index range they hold (`part-<start>-<end>.parquet`, end exclusive),
 so a retried writer rewrites the same name. Labels are not stored as vectors: the reader derives
 them from (ref_label, target_label, strength, gamma), so gamma stays free at training time.
+
+The set's own files are hidden (`.manifest.json`, `.plan.json`, `.huggingface.yaml`): pyarrow, pandas, Ray
+Data and Hugging Face `datasets` then open the folder itself as a Parquet dataset, since each of them skips
+dot-files (and only pyarrow skips `_` files). Sets written before keep `manifest.json`, `plan.json` and
+`README.md` beside their shards; the engine still reads them, and a synthesis run over such a folder moves
+them to the hidden names.
 """
 from __future__ import annotations
 
@@ -35,8 +41,11 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 METADATA_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "image"]
-MANIFEST = "manifest.json"
-CARD = "README.md"
+MANIFEST = ".manifest.json"
+# Hugging Face datasets' standalone dataset card (YAML): `load_dataset(<folder>)` takes the features from it
+CARD = ".huggingface.yaml"
+LEGACY_MANIFEST = "manifest.json"   # where sets written before the hidden names keep them
+LEGACY_CARD = "README.md"
 MIX_STRATEGIES = ("diff-mix", "real-mix")
 _PART = re.compile(r"^part-(\d{8,})-(\d{8,})\.parquet$")
 
@@ -64,10 +73,11 @@ def hf_features(class_names: Sequence[str]) -> dict[str, Any]:
 
 
 def dataset_card(class_names: Sequence[str], summary: str) -> str:
-    """A Hugging Face dataset card (README.md) for a set folder: `datasets.load_dataset(<folder>)` then reads
-    the shards with `image` as an Image and the labels as ClassLabels. (`load_dataset("parquet", ...)` takes
-    types from the files, where `image` stays binary: datasets applies a file's features only where the
-    Arrow type matches, and Image's is a struct, which would change the column for every other reader.)"""
+    """The set folder's `.huggingface.yaml` (a dataset card's YAML, `summary` as comments above it):
+    `datasets.load_dataset(<folder>)` then reads the shards with `image` as an Image and the labels as
+    ClassLabels. (`load_dataset("parquet", ...)` takes types from the files, where `image` stays binary:
+    datasets applies a file's features only where the Arrow type matches, and Image's is a struct, which would
+    change the column for every other reader.)"""
     import yaml
 
     names = {str(i): n for i, n in enumerate(class_names)}
@@ -77,7 +87,8 @@ def dataset_card(class_names: Sequence[str], summary: str) -> str:
                 for f in SHARD_SCHEMA]
     front = {"dataset_info": {"features": features},
              "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "part-*.parquet"}]}]}
-    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{summary}\n"
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in summary.splitlines())
+    return f"{comments}{yaml.safe_dump(front, sort_keys=False)}"
 
 
 # Images per Parquet row group, by bytes: a reader of drawn rows fetches whole row groups (README, "Scaling
@@ -130,9 +141,20 @@ def soft_labels(strategy: Iterable[str], ref_label: Iterable[int | None], target
 
 
 def complete_sets(root: str, storage: Storage) -> list[str]:
-    """The folders under `root` that hold a complete synthetic set (a manifest), sorted."""
-    found = storage.glob(root, "*/" + MANIFEST) if storage.isdir(root) else []
-    return [join(root, f.rstrip("/").split("/")[-2]) for f in sorted(found)]
+    """The folders under `root` that hold a complete synthetic set (a manifest, or a legacy one), sorted."""
+    if not storage.isdir(root):
+        return []
+    found = storage.glob(root, "*/" + MANIFEST) + storage.glob(root, "*/" + LEGACY_MANIFEST)
+    return sorted({join(root, f.rstrip("/").split("/")[-2]) for f in found})
+
+
+def manifest_uri(uri: str, storage: Storage) -> str | None:
+    """Where the set at `uri` keeps its manifest (`.manifest.json`, else a legacy `manifest.json`); None when
+    the set is not complete."""
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        if storage.exists(join(uri, name)):
+            return join(uri, name)
+    return None
 
 
 # the columns a reader of drawn rows needs (images and what their labels are computed from)
@@ -215,8 +237,8 @@ class SyntheticSet:
     @classmethod
     def open(cls, uri: str, storage: Storage | None = None) -> "SyntheticSet":
         storage = storage or Storage()
-        path = join(uri, MANIFEST)
-        if not storage.exists(path):
+        path = manifest_uri(uri, storage)
+        if path is None:
             raise ShardError(f"no synthetic set at {redact(uri)} (missing {MANIFEST}); run `diffmix synthesize` first")
         return cls(uri, storage, json.loads(storage.read_text(path)))
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from engine import ray_local
 from engine.config import ExperimentConfig
 from engine.data import ImageDataset, load_dataset
-from engine.data.shards import CARD, MANIFEST, SyntheticSet, dataset_card
+from engine.data.shards import CARD, SyntheticSet, dataset_card
 from engine.rates import rate, rate_note
 from engine.errors import raise_original_errors, surfaced
 from engine.models.sampler import sampler_identity
@@ -32,7 +32,8 @@ from engine.storage import Storage, StorageError, join, redact
 from engine.watchdog import Watchdog, free_resources, labels_for
 from engine.synthesis import set_metrics
 from engine.synthesis.filter import clip_threshold, kept_mask
-from engine.synthesis.manifest import PLAN_FILE, claim_output, read_json, speed_record, versions, write_manifest
+from engine.synthesis.manifest import (LEGACY_FILES, PLAN_FILE, claim_output, read_manifest, retire_legacy,
+                                      speed_record, versions, write_manifest)
 from engine.synthesis.plan import PlanSpec, build_plan, is_gen, plain_prompts, uses_adapter
 from engine.synthesis.references import check_references, load_references, reference_table
 from engine.synthesis.score import ClipScorer
@@ -413,21 +414,34 @@ def finish(job: Job, files: list[FileStats], elapsed_s: float, timing: StreamTim
         "stream_s": round(timing.stream_s, 3),
         **timing.rates(),
     }
-    write_manifest(job.storage, job.output, manifest)
     write_card(job, manifest)
+    write_manifest(job.storage, job.output, manifest)  # last: its presence says the set is complete
     return manifest
 
 
 def write_card(job: Job, manifest: dict[str, Any]) -> None:
-    """README.md: the set as a Hugging Face dataset (`datasets.load_dataset(<folder>)`), and what it holds."""
-    threshold = manifest["clip_threshold"]
-    summary = (f"# Diff-Mix synthetic set {job.plan_hash}\n\n{manifest['counts']['rows']} images, strategy "
-               f"{manifest['strategy']}, strengths {manifest['strengths']}, {len(job.dataset.class_names)} classes "
-               f"({job.dataset.metaclass}); plan and settings in manifest.json. Rows with clip_score below "
-               f"{threshold} are the ones the CLIP filter drops (filter_quantile {manifest['filter_quantile']}). "
+    """.huggingface.yaml: the set as a Hugging Face dataset (`datasets.load_dataset(<folder>)`), and what it
+    holds (as comments)."""
+    get = manifest.get
+    summary = (f"Diff-Mix synthetic set {job.plan_hash}\n{(get('counts') or {}).get('rows')} images, strategy "
+               f"{get('strategy')}, strengths {get('strengths')}, {len(job.dataset.class_names)} classes "
+               f"({job.dataset.metaclass}); plan and settings in .manifest.json.\nRows with clip_score below "
+               f"{get('clip_threshold')} are the ones the CLIP filter drops (filter_quantile "
+               f"{get('filter_quantile')}).\n"
                "Soft labels: diff-mix / real-mix rows put strength**gamma on target_label and the rest on "
                "ref_label; other rows are target_label.")
     job.storage.write_text(join(job.output, CARD), dataset_card(job.dataset.class_names, summary))
+
+
+def move_to_hidden_names(job: Job, manifest: dict[str, Any]) -> None:
+    """A complete set written before the hidden names: its card and manifest moved to them, so the folder
+    opens as a Parquet dataset (the shards, the plan and the manifest's content stay as they are)."""
+    if not any(job.storage.exists(join(job.output, name)) for name in LEGACY_FILES):
+        return
+    log.info("synthesis: %s moves to the hidden metadata names (.manifest.json, .plan.json, %s)",
+             redact(job.output), CARD)
+    write_card(job, manifest)
+    retire_legacy(job.storage, job.output)
 
 
 def with_set_metrics(job: Job, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -480,10 +494,11 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
     committed = read_committed(job.storage, job.output)
     done = check_exactly_once(committed, job.total)
     missing = np.setdiff1d(np.arange(job.total, dtype=np.int64), done, assume_unique=True)
-    manifest = read_json(job.storage, join(job.output, MANIFEST))
+    manifest = read_manifest(job.storage, job.output)
     if (missing.size == 0 and manifest is not None and manifest.get("plan_hash") == job.plan_hash
             and manifest.get("filter_quantile") == syn.filter_quantile):
         log.info("synthesis: %s is complete (%d rows, plan %s): nothing to do", redact(job.output), job.total, job.plan_hash)
+        move_to_hidden_names(job, manifest)
         manifest = with_set_metrics(job, manifest)
         return summary(job, manifest, 0, 0, int(done.size), time.perf_counter() - t0)
     check_local_gpus(config)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from engine.data.shards import MANIFEST, SHARD_SCHEMA, encode_table, part_name
+from engine.data.shards import CARD, MANIFEST, SHARD_SCHEMA, dataset_card, encode_table, part_name
 from engine.storage import Storage, join
 
 
@@ -65,5 +65,6 @@ def write_synthetic_set(uri: str, storage: Storage, class_names: Sequence[str], 
         "plan_hash": f"test-{seed}-{num_rows}-{'-'.join(str(s) for s in strengths)}",
         "num_rows": num_rows,
     }
+    storage.write_text(join(uri, CARD), dataset_card(class_names, f"test set {manifest['plan_hash']}"))
     storage.write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

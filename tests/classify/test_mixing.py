@@ -264,7 +264,7 @@ def test_bad_synthetic_inputs(tmp_path, digits):
         open_selection(uri, Storage(), digits.class_names, None, None, True, 0.3)
     assert len(open_selection(uri, Storage(), digits.class_names, None, None, True, 0.0)) == 0  # p = 0: fine
     assert len(open_selection(uri, Storage(), digits.class_names, None, None, False, 0.3)) == 50
-    with pytest.raises(ShardError, match="missing manifest.json"):
+    with pytest.raises(ShardError, match=r"missing \.manifest\.json"):
         open_selection(str(tmp_path / "nowhere"), Storage(), digits.class_names, None, None, True, 0.3)
     with pytest.raises(ValueError, match="p must be in"):
         epoch_plan(10, 5, 1.2, 0, 1)

@@ -268,6 +268,57 @@ def test_a_resume_writing_two_files_reports_no_rate(baseline, tiny_cache, tmp_pa
     assert read_rows(Storage(), str(folder)).equals(rows)
 
 
+def test_the_set_folder_opens_in_pyarrow_pandas_ray_data_and_datasets(baseline, ray_session, tmp_path):
+    """A synthesized set by its folder path, as users open Parquet folders: every reader sees the rows and
+    the contract's columns, none trips over the set's own (hidden) files."""
+    import datasets
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    _, summary, rows = baseline
+    folder = output_of(summary)
+    table = pq.read_table(folder)
+    assert table.num_rows == TOTAL and sorted(table.column("index").to_pylist()) == list(range(TOTAL))
+    assert sorted(pd.read_parquet(folder)["index"]) == list(range(TOTAL))
+    assert ray_session.data.read_parquet(folder).count() == TOTAL
+    ds = datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path / "a"))
+    assert len(ds) == TOTAL and isinstance(ds.features["image"], datasets.Image)
+    assert ds.features["target_label"].names == CLASS_NAMES
+    assert len(datasets.load_dataset("parquet", data_dir=folder, split="train", cache_dir=str(tmp_path / "b"))) == TOTAL
+
+
+def legacy_copy(folder: str, dest: Path) -> Path:
+    """`folder` as the engine laid sets out before the hidden names: manifest.json, plan.json, a README.md card."""
+    shutil.copytree(folder, dest)
+    (dest / MANIFEST).rename(dest / "manifest.json")
+    (dest / PLAN_FILE).rename(dest / "plan.json")
+    (dest / CARD).unlink()
+    (dest / "README.md").write_text("---\nconfigs: []\n---\n\n# Diff-Mix synthetic set\n")
+    return dest
+
+
+def test_a_set_of_the_earlier_layout_reads_and_moves_to_the_hidden_names(baseline, tiny_cache, tmp_path):
+    """Read as before; a rerun over it writes no row and leaves the folder in the hidden layout; an interrupted
+    one (a shard and the manifest missing) resumes to the same rows, also in the hidden layout."""
+    import pandas as pd
+
+    _, summary, rows = baseline
+    old = legacy_copy(output_of(summary), tmp_path / "old")
+    assert SyntheticSet.open(str(old)).read(filtered=False).num_rows == TOTAL
+    again = run(config(tiny_cache, str(tmp_path), f"synthesis.output={old}"))
+    assert again["written"] == 0 and again["rows"] == TOTAL
+    hidden = sorted(n for n in os.listdir(old) if not n.startswith("part-"))
+    assert hidden == sorted([MANIFEST, PLAN_FILE, CARD]) and len(pd.read_parquet(old)) == TOTAL
+
+    partial = legacy_copy(output_of(summary), tmp_path / "partial")
+    (partial / "manifest.json").unlink()
+    (partial / "part-00000012-00000016.parquet").unlink()
+    resumed = run(config(tiny_cache, str(tmp_path), f"synthesis.output={partial}"))
+    assert resumed["written"] == 4 and resumed["resumed_rows"] == TOTAL - 4
+    assert sorted(n for n in os.listdir(partial) if not n.startswith("part-")) == hidden
+    assert read_rows(Storage(), str(partial)).equals(rows)
+
+
 def test_translator_dying_mid_run_is_replaced_and_rows_are_exact(baseline, tiny_cache, tmp_path):
     _, _, rows = baseline
     result = run(config(tiny_cache, str(tmp_path), "synthesis.fail_actor_after=3"))
