@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import errno
+import glob
 import io
 import logging
 import os
@@ -355,9 +356,10 @@ class Storage:
         return sorted(i["name"].rstrip("/").rsplit("/", 1)[-1] for i in infos if i.get("type") == "directory")
 
     def glob(self, root: str, pattern: str) -> list[str]:
-        """Full URIs below `root` matching a relative glob such as `*/manifest.json` (sorted)."""
+        """Full URIs below `root` matching a relative glob such as `*/.manifest.json` (sorted). Only `pattern`
+        is a pattern: `root` is escaped, so a folder named `exp[1]` or `a*b` is matched as it is written."""
         def _glob(fs: fsspec.AbstractFileSystem, p: str, kw: dict[str, Any]) -> list[str]:
-            return fs.glob(p.rstrip("/") + "/" + pattern, **kw)
+            return fs.glob(glob.escape(p.rstrip("/")) + "/" + pattern, **kw)
 
         _, root_path = self.fs(root)
         prefix = root_path.rstrip("/")
