@@ -125,3 +125,15 @@ def encode(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_class_names_reach_datasets_exactly_through_the_card(tmp_path):
+    """Class names are YAML data in `.huggingface.yaml`: names YAML would read as something else (a mapping, a
+    comment, a boolean, null, a number) or that hold quotes and slashes come back as the same strings."""
+    import datasets
+
+    names = ["a: b", "- dash", "#hash", "yes", "null", "123", "it's \"quoted\"", "T-shirt/top", "ünï cödé"]
+    uri = str(tmp_path / "syn")
+    write_synthetic_set(uri, Storage(), names, [encode(i) for i in range(3)], [0, 1, 2], num_rows=9, rows_per_file=9)
+    ds = datasets.load_dataset(uri, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.features["target_label"].names == names and ds.features["ref_label"].names == names
