@@ -170,7 +170,8 @@ def test_a_checkpoint_carrying_a_payload_is_refused_and_never_runs(trained, tmp_
     assert not marker.exists()
 
     (tmp_path / "hostile" / "metrics.json").unlink()    # not finished: classify resumes from the checkpoint
-    rc = main(["classify", f"run.output={tmp}", *FAST, f"classify.output={tmp_path / 'hostile'}"])
+    rc = main(["classify", f"run.output={tmp}", *FAST, f"classify.output={tmp_path / 'hostile'}",
+               "classify.max_failures=0"])  # one attempt: a refused checkpoint fails every retry the same way
     line = one_line(capsys, "classify")
     assert rc == 5 and "state.pt" in line and "refused" in line and "open" in line, line
     assert not marker.exists()
