@@ -105,7 +105,7 @@ def test_laptop_sweep_synthesizes_each_set_once_then_trains_and_evaluates_on_two
         assert (entry["seeds"], entry["trials"], entry["top1_mean"], entry["top1_std"]) == ("1", "1", r["top1"], "")
 
     # one set per strength set, and resolving them again (a rerun of the sweep) reuses both: no shard rewritten
-    made = sorted(str(m.parent) for m in (tmp_path / "runs" / "demo" / "synthetic").glob("*/manifest.json"))
+    made = sorted(str(m.parent) for m in (tmp_path / "runs" / "demo" / "synthetic").glob("*/.manifest.json"))
     assert len(made) == 2
     shards = {uri: _shard_times(uri) for uri in made}
     assert all(shards.values())
