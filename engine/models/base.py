@@ -64,14 +64,17 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
                        "diffmix pretrain --config examples/pretrain_digits.yaml"),
     "builtin-scenes": (os.path.join(PRETRAINED_DIR, "scenes-ldm"),
                        "diffmix pretrain --config examples/pretrain_scenes.yaml"),
+    "builtin-scenes-clip": (os.path.join(PRETRAINED_DIR, "scenes-clip"),
+                            "python -m engine.models.scene_clip --output engine/models/pretrained/scenes-clip"),
 }
 
 
-def shipped_model(spec: str) -> str:
-    """The folder of a model that ships with the engine (e.g. the demo's `builtin-digits` SD)."""
+def shipped_model(spec: str, kind: "Kind" = "sd") -> str:
+    """The folder of a model that ships with the engine (e.g. the demo's `builtin-scenes` SD)."""
     folder, recipe = SHIPPED_MODELS[spec]
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise ModelError(f"shipped model {spec!r} is missing from {folder}; rebuild it with `{recipe}`")
+    if not os.path.isfile(os.path.join(folder, _INDEX_FILE[kind])):
+        raise ModelError(f"shipped model {spec!r} is missing from {folder} (or is not a {kind} model); rebuild it "
+                         f"with `{recipe}`")
     return folder
 
 
@@ -136,8 +139,8 @@ def resolve_model(spec: str, cache_dir: str, storage: Storage | None = None, kin
         folder = os.path.join(cache_dir, tiny_cache_name(kind, tiny_seed, resolution, words))
         build = build_tiny_sd if kind == "sd" else build_tiny_clip
         return build(folder, tiny_seed, resolution, words)
-    if spec in SHIPPED_MODELS and kind == "sd":
-        return shipped_model(spec)
+    if spec in SHIPPED_MODELS:
+        return shipped_model(spec, kind)
     if _has_scheme(spec):
         return _copy_remote(spec, cache_dir, storage or Storage(), kind)
     local = os.path.abspath(os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec))
