@@ -27,6 +27,7 @@ MIN_IDLE_WARN_S = 30.0  # never warn about a pause shorter than this, however re
 # A request unseen for this long stops counting as waiting: Ray Train retries a worker group that cannot start
 # with a new placement group (the same shape), and a poll between the two must not restart the clock.
 FORGET_AFTER_S = 15.0
+STOP_WAIT_S = 30.0  # how long a stage that gives up waits for its stopped stream to wind down
 
 
 def shape(resources: dict[str, float]) -> Shape:
@@ -195,33 +196,48 @@ class Watchdog:
             f"cluster has {_free()}. Free or add those resources and run again (finished work is kept), or "
             "raise cluster.max_resource_wait_s")
 
-    def watch(self, items: Iterable[T]) -> Iterator[T]:
-        """`items`, consumed in a helper thread so that the stage fails with the watchdog's ResourceError as
-        soon as it gives up, even while the next item never comes (a stream whose actor waits for a node);
-        the producer's own errors are raised here as they are."""
-        box: queue.Queue = queue.Queue()
-        stop = threading.Event()
+    def watch(self, items: Iterable[T], stop: Callable[[], None] | None = None) -> Iterator[T]:
+        """`items`, consumed in a helper thread one at a time (the consumer's pace, as if iterated here) so
+        that the stage fails with the watchdog's ResourceError as soon as it gives up, even while the next
+        item never comes (a stream whose actor waits for a node); `stop` then ends what produces them (a
+        stream's executor and actors). The producer's own errors are raised here as they are."""
+        box: queue.Queue = queue.Queue(maxsize=1)
+        done = threading.Event()
+
+        def hand_over(entry: tuple[bool, Any]) -> None:
+            while not done.is_set():
+                try:
+                    box.put(entry, timeout=self.poll_s)
+                    return
+                except queue.Full:
+                    continue
 
         def produce() -> None:
             try:
                 for item in items:
-                    box.put((True, item))
-                    if stop.is_set():
+                    hand_over((True, item))
+                    if done.is_set():
                         break
-                box.put((False, None))
+                else:
+                    hand_over((False, None))
             except BaseException as exc:  # handed to the consumer, which raises it
-                box.put((False, exc))
+                hand_over((False, exc))
             finally:
                 close = getattr(items, "close", None)
-                if stop.is_set() and close is not None:
-                    close()
+                if done.is_set() and close is not None:
+                    close()  # here, while Ray is connected, not at interpreter exit
 
-        threading.Thread(target=produce, name=f"watched-{self.stage}", daemon=True).start()
+        producer = threading.Thread(target=produce, name=f"watched-{self.stage}", daemon=True)
+        producer.start()
         try:
             while True:
                 try:
                     more, value = box.get(timeout=self.poll_s)
                 except queue.Empty:
+                    if self.failure is not None and stop is not None:
+                        stop()  # the producer's next item now ends the iteration
+                        done.set()
+                        producer.join(STOP_WAIT_S)
                     self._raise_failure()
                     continue
                 if not more:
@@ -230,7 +246,7 @@ class Watchdog:
                     return
                 yield value
         finally:
-            stop.set()
+            done.set()
 
     def call(self, fn: Callable[[], T]) -> T:
         """`fn()` in a helper thread; its result or error, or the watchdog's ResourceError once it gives up."""

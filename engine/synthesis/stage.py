@@ -284,8 +284,27 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = None) -> Iterator[FileStats]:
-    """Run the Ray Data graph over `windows`; yields one FileStats per committed file, as they commit."""
+@dataclass
+class RunningStream:
+    """The dataset of a running stream, so that a stage that gives up (a Translator no node can hold) ends it
+    instead of leaving its executor thread and actors waiting in the driver."""
+
+    dataset: Any = None
+
+    def stop(self) -> None:
+        """Shut the stream's executor down (its actor pools killed), as Ray Data does when a Dataset is
+        garbage-collected. Through `Dataset._current_executor`, a private attribute: Ray has no public call
+        that ends a running iteration from another thread. Without it (another Ray version) the stream ends
+        with the driver's Ray job."""
+        executor = getattr(self.dataset, "_current_executor", None)
+        if executor is not None:
+            executor.shutdown(force=True)
+
+
+def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = None,
+           running: RunningStream | None = None) -> Iterator[FileStats]:
+    """Run the Ray Data graph over `windows`; yields one FileStats per committed file, as they commit
+    (`running` gets the dataset, to stop it)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -316,6 +335,8 @@ def stream(job: Job, windows: list[tuple[int, int]], fail_marker: str | None = N
     ds = ds.map_batches(write_windows, batch_size=1, batch_format="pyarrow", num_cpus=syn.cpus_per_task,
                         fn_kwargs={"storage": job.storage, "uri": job.output, "resolution": size,
                                    "class_names": list(job.dataset.class_names)})
+    if running is not None:
+        running.dataset = ds
     for row in ds.iter_rows():
         yield stats_from_rows(row)
 
@@ -515,7 +536,8 @@ def run(config: ExperimentConfig, dataset: ImageDataset | None = None) -> dict[s
         marker = os.path.join(tempfile.gettempdir(), f"diffmix-fail-{uuid.uuid4().hex}") if syn.fail_actor_after else None
         progress = Progress(int(done.size), job.total, syn.log_every_s)
         with stall_watchdog(job) as watchdog, surfaced(StorageError):
-            for stats in watchdog.watch(stream(job, windows, marker)):
+            running = RunningStream()
+            for stats in watchdog.watch(stream(job, windows, marker, running), stop=running.stop):
                 new.append(stats)
                 watchdog.beat()
                 progress.update(len(stats.index))

@@ -31,7 +31,12 @@ FLUSH_S = 1.5  # > Ray's task-event report interval (1 s): the records of live p
 
 
 def config(tiny_cache: Path, output: str, endpoint: str, *extra: str) -> ExperimentConfig:
-    return load_config(None, [
+    return load_config(None, overrides(tiny_cache, output, endpoint, *extra))
+
+
+def overrides(tiny_cache: Path, output: str, endpoint: str, *extra: str) -> list[str]:
+    """The plan of these tests (tiny models, 32 px, T = 4, 2 shots: 40 rows in 10 files) on the test store."""
+    return [
         f"run.output={output}", f"model.cache_dir={tiny_cache}", "model.resolution=32",
         "dataset.subset.kind=few_shot", "dataset.subset.shots=2",
         "synthesis.strategy=real-mix", "synthesis.multiplier=2", "synthesis.num_inference_steps=4",
@@ -41,7 +46,7 @@ def config(tiny_cache: Path, output: str, endpoint: str, *extra: str) -> Experim
         "synthesis.log_every_s=2", "metrics.enabled=false",
         f"storage.storage_options={{key: {S3_ACCESS_KEY}, secret: {S3_SECRET_KEY}, "
         f"client_kwargs: {{endpoint_url: '{endpoint}'}}}}", *extra,
-    ])
+    ]
 
 
 def on_slots(*extra: str) -> tuple[str, ...]:
@@ -199,18 +204,20 @@ def test_a_node_added_mid_stream_grows_the_pool(uninterrupted, worker_nodes, tin
 
 
 @pytest.mark.s3
-# the failed stream's Ray Data executor thread, still waiting for its Translator, ends with SystemExit when the
-# test ends the driver's Ray job (new_driver_job); a `diffmix` process exits instead
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_lost_node_with_the_only_slot_fails_within_its_bound_and_a_rerun_finishes_once(
-        uninterrupted, worker_nodes, tiny_cache, s3_server, tmp_path, new_driver_job):
+        uninterrupted, worker_nodes, tiny_cache, s3_server, tmp_path):
     """One node has the only gpu_slot, and the stream's one Translator holds it; the set goes to local disk.
     Without storage.shared_local a local output on this two-node cluster is refused at start, naming the keys.
-    With it (one machine's nodes share its disk), the node is SIGKILLed after a file is committed: on a cluster
-    without an autoscaler the restarting Translator can never be placed, and the stage fails within
-    cluster.infeasible_grace_s (plus Ray's noticing the node is gone) with one line naming the operator and
-    the resource, instead of waiting for ever. Only whole files are left; once a node with a slot is back, the
-    rerun commits every row exactly once, the multiplier-2 prefix byte-identical to the uninterrupted run."""
+    With it (one machine's nodes share its disk), `diffmix synthesize` runs as a user runs it, in its own
+    process joined to the cluster, and the node is SIGKILLed after a file is committed: on a cluster without an
+    autoscaler the restarting Translator can never be placed, and the command fails within
+    cluster.infeasible_grace_s (plus Ray's noticing the node is gone) with one line naming the operator and the
+    resource, and the resources exit code, instead of waiting for ever. Only whole files are left; once a node
+    with a slot is back, the rerun commits every row exactly once, the multiplier-2 prefix byte-identical to the
+    uninterrupted run."""
+    import subprocess
+    import sys
+
     reference, rows = uninterrupted
     a = worker_nodes.add(slots=1)
     out = str(tmp_path / "set")
@@ -223,29 +230,41 @@ def test_a_lost_node_with_the_only_slot_fails_within_its_bound_and_a_rerun_finis
     assert "run.output" in line and "synthesis.output" in line and "storage.shared_local" in line, line
     assert "2 nodes" in line and "\n" not in line and not (tmp_path / "set").exists()
 
-    cfg = config(tiny_cache, str(tmp_path / "runs"), s3_server["endpoint_url"], *extra, "storage.shared_local=true")
-    storage = Storage.from_config(cfg)
-    job = Background(lambda: run(cfg))
-    wait_until(lambda: storage.exists(out) and bool(committed_files(storage, out)), job, "a committed file",
-               timeout=300, poll_s=0.1)
-    worker_nodes.kill(a)
-    killed_at = time.monotonic()
-    with pytest.raises(ResourceError) as starved:
-        job.join(timeout=120)
-    took = job.finished_at - killed_at
-    message = str(starved.value)
-    assert message.startswith("synthesis: Translator actors waited") and "gpu_slot" in message, message
-    assert "no node of this cluster can hold" in message and "\n" not in message
-    # Ray calls the node dead after ~5 s of failed health checks (tests/conftest.py), then the 5 s grace
-    assert took < 45, f"failed {took:.0f} s after the node was killed"
+    shared = overrides(tiny_cache, str(tmp_path / "runs"), s3_server["endpoint_url"], *extra,
+                       "storage.shared_local=true")
+    storage = Storage.from_config(load_config(None, shared))
+    with open(tmp_path / "synthesize.log", "wb") as log:  # RAY_ADDRESS (the session's cluster) is inherited
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", *shared], stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (storage.exists(out) and committed_files(storage, out)):
+                assert proc.poll() is None, (tmp_path / "synthesize.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no file committed within 300 s"
+                time.sleep(0.1)
+            worker_nodes.kill(a)
+            killed_at = time.monotonic()
+            code = proc.wait(timeout=120)
+            took = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = (tmp_path / "synthesize.log").read_text()
+    said = [line for line in text.splitlines() if line.startswith("diffmix synthesize: ")]  # Ray's logs go on
+    assert code == 6 and len(said) == 1, text[-3000:]
+    assert said[0].startswith("diffmix synthesize: synthesis: Translator actors waited"), said
+    assert "{CPU: 0.5, gpu_slot: 1}" in said[0] and "no node of this cluster can hold" in said[0], said
+    assert "Traceback" not in text, text[-3000:]  # the stream was stopped before the process exits
+    # Ray calls the node dead after ~5 s of failed health checks (tests/conftest.py), then the 5 s grace; and
+    # the process exits
+    assert took < 60, f"the command ended {took:.0f} s after the node was killed"
     committed = committed_files(storage, out)
     assert 0 < len(committed) < total // 4  # 4 rows a file
     partial = read_rows(storage, out)  # every committed file is whole (readable), no row twice
     assert len(set(partial.column("index").to_pylist())) == partial.num_rows
 
-    new_driver_job()  # the failed stream's Translator still waits for a slot in this driver's Ray job
     worker_nodes.add(slots=1)
-    summary = run(cfg)
+    summary = run(load_config(None, shared))
     assert summary["rows"] == total and summary["resumed_rows"] >= partial.num_rows
     final = read_rows(storage, out)
     assert final.column("index").to_pylist() == list(range(total))  # none missing, none twice
