@@ -379,7 +379,8 @@ class ClassifyConfig(Section):
     """Train a classifier on real + synthetic data (DESIGN.md steps 3, 5)."""
 
     backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_b_16"] = "resnet50"
-    pretrained: OptionalInputUri = Field(default=None, description="URI/path of torchvision weights; None = random init")
+    pretrained: OptionalInputUri = Field(default=None, description="URI/path of torchvision weights; None = random "
+                                         "init")
     resolution: int = Field(default=448, ge=8, le=2048)
     batch_size: int = Field(default=32, ge=1, description="Total batch over all workers")
     epochs: int = Field(default=128, ge=1)

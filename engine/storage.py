@@ -174,7 +174,9 @@ def _s3_error_code(exc: BaseException) -> str | None:
 def transient(exc: BaseException) -> bool:
     """Could not reach the store (connection, timeout) or the store said "try again" (5xx, SlowDown): worth a
     bounded retry; a missing file or a refused request is not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) or _offline_hub(exc):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if _offline_hub(exc):  # a ConnectionError no retry can change
         return False
     if isinstance(exc, _TRANSIENT) or _server_asks_for_retry(exc) or _http_transport_error(exc):
         return True

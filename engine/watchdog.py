@@ -100,7 +100,8 @@ class Watchdog:
                  nodes: Callable[[], list[dict[str, float]]] = node_resources) -> None:
         self.stage, self.warn_after_s, self.factor = stage, warn_after_s, factor
         self.labels, self.idle, self.poll_s, self.demands = labels or {}, idle, poll_s, demands
-        self.cluster, self.max_wait_s, self.infeasible_grace_s, self.nodes = cluster, max_wait_s, infeasible_grace_s, nodes
+        self.cluster, self.nodes = cluster, nodes
+        self.max_wait_s, self.infeasible_grace_s = max_wait_s, infeasible_grace_s
         self.last_beat = time.monotonic()
         self.beats = 0
         self.intervals: list[float] = []

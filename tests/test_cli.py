@@ -65,7 +65,8 @@ def test_a_bucket_without_credentials_is_the_storage_line_and_exit_code_4():
     """`diffmix plan` on the example whose dataset is on a placeholder bucket, with no credentials anywhere:
     botocore's NoCredentialsError (raised before any request is sent) is the one storage line, not a traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
     out = subprocess.run([sys.executable, "-m", "engine.cli", "plan", "--config", "examples/cub.yaml"], cwd=REPO,
                          capture_output=True, text=True, env=env, timeout=120)
     lines = out.stderr.strip().splitlines()

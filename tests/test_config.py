@@ -135,11 +135,13 @@ def test_a_relative_output_in_a_submitted_jobs_working_dir_is_warned_about(tmp_p
     import logging
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     with caplog.at_level(logging.WARNING, logger="engine.locations"):
         cfg = load_config(None, ["dataset.source=imagefolder", "dataset.uri=data/birds", "run.output=/abs/runs",
                                  "classify.output=out/classify"])
-    assert cfg.dataset.uri == str(tmp_path / "data" / "birds") and cfg.classify.output == str(tmp_path / "out" / "classify")
+    assert cfg.dataset.uri == str(tmp_path / "data" / "birds")
+    assert cfg.classify.output == str(tmp_path / "out" / "classify")
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "'out/classify' is relative" in warned[0] and str(tmp_path) in warned[0], warned
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")

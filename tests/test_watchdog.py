@@ -90,7 +90,8 @@ def test_a_request_no_node_can_hold_fails_after_the_grace_and_others_after_the_b
     translator = shape({"CPU": 0.5, "gpu_slot": 1.0})
     demands: dict = {translator: 1, shape({"CPU": 7.0}): 1}  # the second one is another job's
     nodes = [{"CPU": 4.0}]  # the only node with a gpu_slot is gone
-    dog = Watchdog("synthesis", warn_after_s=1000, labels=labels_for([({"CPU": 0.5, "gpu_slot": 1.0}, "Translator actors")]),
+    slot = {"CPU": 0.5, "gpu_slot": 1.0}
+    dog = Watchdog("synthesis", warn_after_s=1000, labels=labels_for([(slot, "Translator actors")]),
                    demands=lambda: dict(demands), max_wait_s=100, infeasible_grace_s=10, nodes=lambda: nodes)
     t0 = dog.last_beat
     dog.check(t0 + 1)
@@ -105,7 +106,7 @@ def test_a_request_no_node_can_hold_fails_after_the_grace_and_others_after_the_b
     assert "no node of this cluster can hold" in message and "gpu_slot: 0" in message and "\n" not in message
     # the slot exists (a node has it) but stays taken: the general bound, across a gap shorter than the forget time
     nodes.append({"CPU": 1.0, "gpu_slot": 1.0})
-    dog = Watchdog("finetune", warn_after_s=1000, labels=labels_for([({"CPU": 0.5, "gpu_slot": 1.0}, "finetune Train workers")]),
+    dog = Watchdog("finetune", warn_after_s=1000, labels=labels_for([(slot, "finetune Train workers")]),
                    demands=lambda: dict(demands), max_wait_s=100, infeasible_grace_s=10, nodes=lambda: nodes)
     t0 = dog.last_beat
     dog.check(t0 + 1)

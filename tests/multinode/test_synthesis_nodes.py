@@ -15,7 +15,6 @@ import pyarrow as pa
 import pytest
 
 from engine.config import ExperimentConfig, load_config
-from engine.ray_local import ResourceError
 from engine.storage import Storage, StorageError
 from engine.synthesis import run
 from engine.synthesis.sink import committed_files, read_shard
