@@ -76,11 +76,13 @@ def fixed_cluster(cluster: Any) -> bool:
     return not cluster.wait_for_nodes and autoscaler_limit() is None
 
 
-def free_resources() -> str:
+def free_resources(also: Iterable[str] = ()) -> str:
+    """What the cluster has free of each resource (CPU, GPU, and those named in `also`)."""
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    return ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free" for k in ("CPU", "GPU"))
+    names = ["CPU", "GPU"] + sorted(k for k in set(also) if k not in ("CPU", "GPU"))
+    return ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free" for k in names)
 
 
 class Watchdog:
@@ -194,8 +196,8 @@ class Watchdog:
                 "(cluster.max_resource_wait_s bounds that wait)")
         return ResourceError(
             f"{what} while the stage made no progress (cluster.max_resource_wait_s = {self.max_wait_s:g}); the "
-            f"cluster has {_free()}. Free or add those resources and run again (finished work is kept), or "
-            "raise cluster.max_resource_wait_s")
+            f"cluster has {_free([k for k, _ in s])}. Free or add those resources and run again (finished work is "
+            "kept), or raise cluster.max_resource_wait_s")
 
     def watch(self, items: Iterable[T], stop: Callable[[], None] | None = None) -> Iterator[T]:
         """`items`, consumed in a helper thread one at a time (the consumer's pace, as if iterated here) so
@@ -280,9 +282,9 @@ def _once(fn: Callable[[], T]) -> Iterator[T]:
     yield fn()
 
 
-def _free() -> str:
+def _free(also: Iterable[str] = ()) -> str:
     try:
-        return free_resources()
+        return free_resources(also)
     except Exception:  # noqa: BLE001 - only decorates a warning
         return "an unknown amount free"
 
