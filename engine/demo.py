@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 import time
+from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, Callable, TypeVar
 
 from engine.cli import setup_logging, stage_needs
 from engine.config import ExperimentConfig, load_config
-from engine.data import load_dataset
+from engine.data import ImageDataset, load_dataset, scenes
 from engine.data.shards import SyntheticSet
 from engine.pipeline import run_stage, start_ray_for, with_overrides
 from engine.report import ReportInputs, ResultRow, StageTiming, write_report
 from engine.storage import Storage, join
+from engine.translation_measures import Judges, measure_set
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "demo.yaml")
-# the paper's direction of effect in few-shot settings (Diff-Mix, Table 2)
-EXPECTED_ORDER = ("diff-mix", "diff-aug", "real-only")
+# Table 4's comparison: Diff-Mix against real data only and against intra-class translation (Diff-Aug)
+COMPARED = "diff-mix"
+BASELINES = ("real-only", "diff-aug")
 
 
 def start_local_ray(config: ExperimentConfig) -> None:
@@ -74,9 +78,10 @@ def run_at_most(calls: list[Callable[[], T]], at_once: int) -> list[T]:
         return [f.result() for f in futures]
 
 
-def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, dict[str, Any]]
-                  ) -> tuple[list[ResultRow], list[dict[str, Any]]]:
-    """One classifier per method and seed, `demo.concurrent_runs` at a time."""
+def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, dict[str, Any]],
+                  dataset: ImageDataset) -> tuple[list[ResultRow], list[dict[str, Any]]]:
+    """One classifier per method and seed, `demo.concurrent_runs` at a time; top-1 overall and per pooled
+    test group."""
     p = {method: 0.0 if method == "real-only" else config.classify.p for method in methods}
     runs: list[tuple[str, ExperimentConfig]] = []
     for method in methods:
@@ -86,37 +91,85 @@ def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, 
                 fields["synthetic"] = sets[method]["output"]
             runs.append((method, with_overrides(config, classify=fields)))
     summaries = run_at_most([partial(run_stage, "classify", cfg) for _, cfg in runs], config.demo.concurrent_runs)
+    pools = group_sets(config, dataset)
+    sizes = Counter(int(g) for g in dataset.index("test").column("group").to_pylist() if g is not None)
     rows = []
     for method in methods:
-        top1 = [float(s["metrics"]["top1"]) for (m, _), s in zip(runs, summaries) if m == method]
+        metrics = [s["metrics"] for (m, _), s in zip(runs, summaries) if m == method]
         rows.append(ResultRow(method, "-" if method == "real-only" else method, p[method],
-                              None if method == "real-only" else config.classify.gamma, top1))
+                              None if method == "real-only" else config.classify.gamma,
+                              [float(m["top1"]) for m in metrics],
+                              groups={name: [pooled_accuracy(m, ids, sizes) for m in metrics]
+                                      for name, ids in pools.items()}))
     return rows, summaries
 
 
-def verdict(rows: list[ResultRow]) -> str:
-    """Each step of the paper's order, measured: holds or not, and whether the gap beats the seed spread."""
+def translation_measures(config: ExperimentConfig, storage: Storage, sets: dict[str, dict[str, Any]]
+                         ) -> dict[str, list[dict[str, Any]]]:
+    """Per set and strength, what its translations kept of the reference and what they drew (scene miniature
+    only: the measures need background families), judged against the full real train split."""
+    if not is_scenes(config):
+        return {}
+    full = load_dataset(config, storage, apply_subset=False)
+    judges = Judges.fit(full.rows("train"))
+    out = {}
+    for method, summary in sets.items():
+        rows = SyntheticSet.open(summary["output"], storage).read(filtered=False, with_images=True)
+        out[method] = [m.as_dict() for m in measure_set(rows, full.rows("train"), judges, seed=config.run.seed)]
+    return out
+
+
+def verdict(rows: list[ResultRow], group: str | None = None) -> str:
+    """diff-mix against each baseline, on the test `group` (e.g. "counterfactual") or overall: better or not,
+    and whether the gap is larger than the seed-to-seed spread."""
     by = {r.method: r for r in rows}
-    present = [m for m in EXPECTED_ORDER if m in by]
-    if len(present) < 2:
-        return "Too few methods ran to compare against the paper's direction of effect."
-    steps, holds, clear = [], True, True
-    for a, b in zip(present, present[1:]):
-        gap = by[a].mean - by[b].mean
-        beyond_noise = abs(gap) > max(by[a].std, by[b].std)
-        holds &= gap >= 0
+    present = [b for b in BASELINES if b in by]
+    if COMPARED not in by or not present:
+        return "Too few methods ran to compare diff-mix with real-only or diff-aug."
+    def value(r: ResultRow) -> tuple[float, float]:
+        return (r.group_mean(group), r.group_std(group)) if group else (r.mean, r.std)
+    where = f"on the {group} test group" if group else "overall"
+    mix_mean, mix_std = value(by[COMPARED])
+    steps, wins, clear = [], True, True
+    for base in present:
+        mean, std = value(by[base])
+        gap = mix_mean - mean
+        beyond_noise = abs(gap) > max(mix_std, std)
+        wins &= gap > 0
         clear &= beyond_noise
-        steps.append(f"{a} {by[a].mean:.3f} ± {by[a].std:.3f} vs {b} {by[b].mean:.3f} ± {by[b].std:.3f}: "
-                     f"{'holds' if gap >= 0 else 'reversed'} by {abs(gap):.3f}"
+        steps.append(f"{COMPARED} {mix_mean:.3f} ± {mix_std:.3f} vs {base} {mean:.3f} ± {std:.3f}: "
+                     f"{'better' if gap > 0 else 'not better'} by {gap:+.3f}"
                      f"{'' if beyond_noise else ' (within the seed-to-seed spread)'}")
-    if holds and clear:
+    if len(by[COMPARED].top1) < 2:
+        reading = "one classifier seed has no spread to judge a gap against."
+    elif wins and clear:
         reading = "the miniature reproduces it."
-    elif holds:
-        reading = "the miniature shows the same order, but not every gap is larger than the seed-to-seed spread."
+    elif wins:
+        reading = "the miniature shows the same direction, but not every gap is larger than the seed-to-seed spread."
     else:
         reading = "the miniature does NOT reproduce it."
-    return (f"The paper's few-shot direction of effect is {' >= '.join(present)}; {reading} "
-            + "; ".join(steps) + f" (top-1, mean ± std over {len(by[present[0]].top1)} classifier seeds).")
+    return (f"The paper finds diff-mix ahead of {' and '.join(present)} {where} (Table 4); {reading} "
+            + "; ".join(steps) + f" (top-1, mean ± std over {len(by[COMPARED].top1)} classifier seeds).")
+
+
+def is_scenes(config: ExperimentConfig) -> bool:
+    return config.dataset.source == "builtin" and config.dataset.builtin == "scenes"
+
+
+def group_sets(config: ExperimentConfig, dataset: ImageDataset) -> dict[str, list[int]]:
+    """The scene miniature's test groups pooled as Table 4 reads them: aligned (the class's own background)
+    and counterfactual (any other); other datasets: none."""
+    if not is_scenes(config):
+        return {}
+    ids = sorted({int(g) for g in dataset.index("test").column("group").to_pylist() if g is not None})
+    return {"aligned": [g for g in ids if scenes.is_aligned(g)],
+            "counterfactual": [g for g in ids if not scenes.is_aligned(g)]}
+
+
+def pooled_accuracy(metrics: dict[str, Any], groups: list[int], sizes: dict[int, int]) -> float:
+    """Top-1 over the union of `groups`, from each group's accuracy and test size."""
+    total = sum(sizes[g] for g in groups)
+    return sum(float(metrics[f"acc_group_{g}"]) * sizes[g] for g in groups) / total
 
 
 def base_model_note(config: ExperimentConfig) -> str | None:
@@ -136,6 +189,33 @@ def base_model_note(config: ExperimentConfig) -> str | None:
             f"{info['train_rows']} train images of {info['dataset']} ({info['pretrain']['steps']} denoiser steps)"
             f"{drawn}. The classifiers below see only the few-shot subset; the test split is never used for "
             f"pre-training.")
+
+
+def scene_note(config: ExperimentConfig, dataset: ImageDataset) -> str | None:
+    """How correlated the classifiers' train subset really is (a few-shot draw need not hit the configured share)."""
+    if not is_scenes(config):
+        return None
+    groups = [int(g) for g in dataset.rows("train").column("group").to_pylist()]
+    own = sum(scenes.is_aligned(g) for g in groups)
+    return (f"Scene miniature: {own} of the {len(groups)} train images the classifiers see sit on their class's own "
+            f"background family (dataset.scenes.aligned = {config.dataset.scenes.aligned:g} over the full train "
+            f"split); the test split puts every test digit on every family ({dataset.index('test').num_rows} "
+            f"images, 1 in {scenes.FAMILIES} aligned).")
+
+
+def console_table(summary: dict[str, Any]) -> str:
+    """The results as the last thing on the screen: top-1 overall and per pooled group, mean ± std."""
+    results = summary["results"]
+    groups = list(dict.fromkeys(g for r in results.values() for g in r.get("groups", {})))
+    lines = [f"{'method':<10} {'top-1':>15}" + "".join(f" {g:>15}" for g in groups)]
+    for method, r in results.items():
+        cells = [f"{r['mean']:.3f} ± {r['std']:.3f}"]
+        for g in groups:
+            values = r["groups"].get(g) or [float("nan")]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.3f} ± {spread:.3f}")
+        lines.append(f"{method:<10}" + "".join(f" {c:>15}" for c in cells))
+    return "\n".join(lines)
 
 
 def timings(finetune: dict[str, Any] | None, sets: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
@@ -165,8 +245,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         finetune = run_stage("finetune", config)
     sets = synthetic_sets(config, methods, finetune["artifact"] if finetune else None)
     started = time.perf_counter()
-    rows, runs = classify_runs(config, methods, sets)
+    rows, runs = classify_runs(config, methods, sets, dataset)
     classify_s = time.perf_counter() - started
+    pools = group_sets(config, dataset)
     grid_method = next((m for m in ("diff-mix", "real-mix") if m in sets), None)
     score_method = grid_method or next(iter(sets), None)
     inputs = ReportInputs(
@@ -175,16 +256,18 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         real_images=dict(zip(dataset.train.column("id").to_pylist(), dataset.train.column("image").to_pylist())),
         grid_set=SyntheticSet.open(sets[grid_method]["output"], storage) if grid_method else None,
         score_set=SyntheticSet.open(sets[score_method]["output"], storage) if score_method else None,
-        results=rows, verdict=verdict(rows),
+        results=rows, verdict=verdict(rows, "counterfactual" if "counterfactual" in pools else None),
+        translation=translation_measures(config, storage, sets), grid_pairs=6 if pools else 4,
         timings=timings(finetune, sets, runs, classify_s, config.demo.concurrent_runs),
         set_metrics={m: s["set_metrics"] for m, s in sets.items() if s.get("set_metrics")},
-        notes=[n for n in (base_model_note(config),
+        notes=[n for n in (base_model_note(config), scene_note(config, dataset),
                            f"config hash {config.hash()}; seeds {config.demo.seeds}; p = {config.classify.p}, "
                            f"gamma = {config.classify.gamma}; strengths {config.synthesis.strengths}; "
                            f"fine-tuning {config.finetune.strategy}, {config.finetune.steps} steps") if n],
     )
     page = write_report(inputs, join(config.run.uri, "report"), storage)
-    return {"report": page, "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1} for r in rows},
+    return {"report": page, "verdict": inputs.verdict, "translation": inputs.translation,
+            "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1, "groups": r.groups} for r in rows},
             "set_metrics": {m: s.get("set_metrics") for m, s in sets.items()}}
 
 
@@ -192,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = load_config(DEMO_CONFIG, list(argv if argv is not None else sys.argv[1:]))
     summary = run(config)
+    print(console_table(summary))
+    print(summary["verdict"])
     print(f"demo report: {os.path.abspath(summary['report'])}")
     return 0
 

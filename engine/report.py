@@ -30,6 +30,14 @@ class ResultRow:
     gamma: float | None
     top1: list[float]
     note: str = ""
+    groups: dict[str, list[float]] = field(default_factory=dict)  # e.g. "counterfactual" -> top-1 per seed
+
+    def group_mean(self, name: str) -> float:
+        return float(np.mean(self.groups[name])) if self.groups.get(name) else float("nan")
+
+    def group_std(self, name: str) -> float:
+        values = self.groups.get(name) or []
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
     @property
     def mean(self) -> float:
@@ -65,6 +73,13 @@ class ReportInputs:
     set_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> a set's figures
     verdict: str = ""                          # plain-language reading of the results
     notes: list[str] = field(default_factory=list)
+    translation: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # set -> per-strength measures
+    grid_pairs: int = 4
+
+
+def group_names(rows: list[ResultRow]) -> list[str]:
+    """The test groups the results carry, in first-seen order."""
+    return list(dict.fromkeys(name for r in rows for name in r.groups))
 
 
 def _png(fig: Any) -> bytes:
@@ -76,8 +91,9 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
+def translation_grid(inputs: ReportInputs) -> bytes | None:
     """Rows: class pairs (reference class -> target class); columns: strengths; cell: reference | output."""
+    pairs = inputs.grid_pairs
     if inputs.grid_set is None:
         return None
     import matplotlib
@@ -98,7 +114,11 @@ def translation_grid(inputs: ReportInputs, pairs: int = 4) -> bytes | None:
     complete = sorted({(r, t) for (r, t, _s) in by_cell if all((r, t, s) in by_cell for s in strengths)})
     partial = sorted({(r, t) for (r, t, _s) in by_cell} - set(complete), key=lambda rt: -sum(
         (rt[0], rt[1], s) in by_cell for s in strengths))
-    chosen = (complete + partial)[:pairs]  # pairs seen at every strength first
+    # pairs seen at every strength first, then one pair per reference class before a second one
+    ordered = complete + partial
+    seen: set[int] = set()
+    chosen = [rt for rt in ordered if not (rt[0] in seen or seen.add(rt[0]))][:pairs]
+    chosen += [rt for rt in ordered if rt not in chosen][:pairs - len(chosen)]
     fig, axes = plt.subplots(len(chosen), len(strengths), figsize=(2.4 * len(strengths), 1.4 * len(chosen)),
                              squeeze=False)
     for row, (r, t) in enumerate(chosen):
@@ -141,6 +161,38 @@ def clip_histogram(inputs: ReportInputs) -> bytes | None:
         ax.legend(fontsize=8)
     ax.set_xlabel("CLIP score: P(with the metaclass)")
     ax.set_ylabel("images")
+    return _png(fig)
+
+
+def filter_examples(inputs: ReportInputs, per_side: int = 8) -> bytes | None:
+    """The images the CLIP filter dropped (lowest scores) above a random sample of the kept ones."""
+    sset = inputs.score_set
+    if sset is None or sset.threshold is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = sset.read(filtered=False, with_images=True)
+    scores = table.column("clip_score").to_numpy()
+    order = np.argsort(scores, kind="stable")
+    dropped = [int(i) for i in order if scores[i] < sset.threshold][:per_side]
+    kept_all = [int(i) for i in order if scores[i] >= sset.threshold]
+    kept = sorted(np.random.default_rng(0).choice(kept_all, size=min(per_side, len(kept_all)), replace=False).tolist())
+    if not dropped:
+        return None
+    fig, axes = plt.subplots(2, per_side, figsize=(1.1 * per_side, 2.6), squeeze=False)
+    for row, (label, chosen) in enumerate((("dropped", dropped), ("kept", kept))):
+        for col in range(per_side):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col >= len(chosen):
+                continue
+            i = chosen[col]
+            ax.imshow(np.asarray(decode(table.column("image")[i].as_py())))
+            ax.set_title(f"{scores[i]:.2f}", fontsize=7)
+        axes[row][0].text(-0.1, 0.5, label, fontsize=8, ha="right", va="center", transform=axes[row][0].transAxes)
     return _png(fig)
 
 
@@ -201,12 +253,27 @@ def set_metrics_table(sets: dict[str, dict[str, Any]]) -> str:
     return _table(headers, rows)
 
 
-def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
-    results = _table(
-        ["method", "strategy", "p", "gamma", "top-1 (mean ± std)", "seeds", "note"],
-        [[r.method, r.strategy, f"{r.p:g}", "-" if r.gamma is None else f"{r.gamma:g}",
-          f"{r.mean:.3f} ± {r.std:.3f}", str(len(r.top1)), r.note] for r in inputs.results],
+def results_table(rows: list[ResultRow]) -> str:
+    names = group_names(rows)
+    return _table(
+        ["method", "strategy", "p", "gamma", "top-1 (mean ± std)"] + [f"{n} (mean ± std)" for n in names]
+        + ["seeds", "note"],
+        [[r.method, r.strategy, f"{r.p:g}", "-" if r.gamma is None else f"{r.gamma:g}", f"{r.mean:.3f} ± {r.std:.3f}"]
+         + [f"{r.group_mean(n):.3f} ± {r.group_std(n):.3f}" for n in names] + [str(len(r.top1)), r.note]
+         for r in rows],
     )
+
+
+def translation_table(measures: dict[str, list[dict[str, Any]]]) -> str:
+    rows = [[name, f"{m['strength']:g}", str(m["images"]), f"{m['background_distance']:.3f}",
+             f"{m['background_kept']:.0%}", f"{m['target_recognised']:.0%}", f"{m['reference_recognised']:.0%}"]
+            for name, per in measures.items() for m in per]
+    return _table(["set", "s", "images", "background distance", "background family kept", "target class drawn",
+                   "reference class kept"], rows)
+
+
+def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
+    results = results_table(inputs.results)
     timings = _table(["stage", "items", "seconds", "throughput"],
                      [[t.stage, f"{t.items} {t.unit}", f"{t.seconds:.1f}", f"{t.rate:.2f} {t.unit}/s"]
                       for t in inputs.timings])
@@ -225,6 +292,14 @@ def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
     if "results.png" in figures:
         sections.append(f"<figure><img src='{figures['results.png']}' alt='results'>"
                         f"<figcaption>{captions['results.png']}</figcaption></figure>")
+    if inputs.translation:
+        sections.append("<h2>What the translations keep and change</h2>" + translation_table(inputs.translation)
+                        + "<p>Per strength: the mean absolute RGB difference to the reference over the pixels that "
+                        "are background in both (0 = untouched), the share whose background family a classifier of "
+                        "real backgrounds names as the reference's, and the share a classifier of real digits "
+                        "(blind to backgrounds) labels as the target (prompt) class and as the reference's class. "
+                        "Images without a reference (diff-gen) are compared with real images drawn at random: "
+                        "their figures are the no-survival baseline.</p>")
     if inputs.set_metrics:
         sections.append("<h2>Synthetic sets against the real train set</h2>" + set_metrics_table(inputs.set_metrics)
                         + "<p>Fréchet distance between Gaussians fitted to CLIP image embeddings (lower: closer "
@@ -234,6 +309,10 @@ def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
     if "clip_hist.png" in figures:
         sections.append(f"<h2>CLIP filter</h2><figure><img src='{figures['clip_hist.png']}' alt='clip scores'>"
                         f"<figcaption>{captions['clip_hist.png']}</figcaption></figure>")
+    if "filtered.png" in figures:
+        sections.append(f"<figure><img src='{figures['filtered.png']}' alt='filtered examples'><figcaption>The "
+                        "lowest-scored images (dropped by the filter) above a random sample of the kept ones, "
+                        "each with its score</figcaption></figure>")
     if inputs.notes:
         sections.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in inputs.notes) + "</ul>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
@@ -249,6 +328,7 @@ def write_report(inputs: ReportInputs, out_uri: str, storage: Storage) -> str:
         "grid.png": translation_grid(inputs),
         "results.png": results_chart(inputs),
         "clip_hist.png": clip_histogram(inputs),
+        "filtered.png": filter_examples(inputs),
     }
     written = {}
     for name, data in figures.items():

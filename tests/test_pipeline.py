@@ -30,7 +30,7 @@ def test_demo_comparison_writes_a_complete_report(ray_session, tmp_path):
     report = summary["report"]
     text = open(report).read()
     figures = re.findall(r"src='([^']+)'", text)
-    assert set(figures) == {"grid.png", "results.png", "clip_hist.png"}
+    assert set(figures) == {"grid.png", "results.png", "clip_hist.png", "filtered.png"}
     for name in figures:
         path = os.path.join(os.path.dirname(report), name)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"

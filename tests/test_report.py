@@ -43,7 +43,10 @@ def test_report_files_exist_and_are_referenced(tmp_path):
         title="demo", class_names=ds.class_names,
         real_images=dict(zip(ds.train.column("id").to_pylist(), ds.train.column("image").to_pylist())),
         grid_set=sset, score_set=sset,
-        results=[ResultRow("real only", "-", 0.0, None, [0.5, 0.52]), ResultRow("diff-mix", "diff-mix", 0.1, 0.5, [0.6])],
+        results=[ResultRow("real only", "-", 0.0, None, [0.5, 0.52], groups={"counterfactual": [0.4, 0.44]}),
+                 ResultRow("diff-mix", "diff-mix", 0.1, 0.5, [0.6], groups={"counterfactual": [0.55]})],
+        translation={"diff-mix": [{"strength": 0.5, "images": 10, "background_distance": 0.0412,
+                                   "background_kept": 0.9, "target_recognised": 0.3, "reference_recognised": 0.6}]},
         timings=[StageTiming("synthesis", 30, "images", 3.0)], verdict="reads as expected",
         set_metrics={"diff-mix": {"images": {"synthetic": 27, "real": 100}, "clip_frechet": 0.01234,
                                   "diversity": 0.311, "real_diversity": 0.402}},
@@ -51,12 +54,14 @@ def test_report_files_exist_and_are_referenced(tmp_path):
     page = write_report(inputs, str(tmp_path / "report"), storage)
     text = open(page).read()
     figures = re.findall(r"src='([^']+)'", text)
-    assert set(figures) == {"grid.png", "results.png", "clip_hist.png"}
+    assert set(figures) == {"grid.png", "results.png", "clip_hist.png", "filtered.png"}
     for name in figures:
         data = (tmp_path / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert "0.510 ± 0.014" in text and "10.00 images/s" in text and "reads as expected" in text
     assert "CLIP Fréchet distance" in text and "<td>0.01234</td>" in text and "0.311 (0.402)" in text
+    assert "counterfactual (mean ± std)" in text and "0.420 ± 0.028" in text  # the per-group column
+    assert "<td>0.041</td><td>90%</td><td>30%</td><td>60%</td>" in text     # the translation measures
 
 
 def test_accuracy_axis_fits_the_data_so_differences_show():
