@@ -266,10 +266,11 @@ def results_table(rows: list[ResultRow]) -> str:
 
 def translation_table(measures: dict[str, list[dict[str, Any]]]) -> str:
     rows = [[name, f"{m['strength']:g}", str(m["images"]), f"{m['background_distance']:.3f}",
-             f"{m['background_kept']:.0%}", f"{m['target_recognised']:.0%}", f"{m['reference_recognised']:.0%}"]
+             f"{m['background_kept']:.0%}", f"{m['background_of_target']:.0%}",
+             f"{m['target_recognised']:.0%}", f"{m['reference_recognised']:.0%}"]
             for name, per in measures.items() for m in per]
-    return _table(["set", "s", "images", "background distance", "background family kept", "target class drawn",
-                   "reference class kept"], rows)
+    return _table(["set", "s", "images", "background distance", "background family kept",
+                   "background of the target's own family", "target class drawn", "reference class kept"], rows)
 
 
 def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
@@ -296,7 +297,8 @@ def render_html(inputs: ReportInputs, figures: dict[str, str]) -> str:
         sections.append("<h2>What the translations keep and change</h2>" + translation_table(inputs.translation)
                         + "<p>Per strength: the mean absolute RGB difference to the reference over the pixels that "
                         "are background in both (0 = untouched), the share whose background family a classifier of "
-                        "real backgrounds names as the reference's, and the share a classifier of real digits "
+                        "real backgrounds names as the reference's, and as the family the target class sits on in "
+                        "the correlated train split, and the share a classifier of real digits "
                         "(blind to backgrounds) labels as the target (prompt) class and as the reference's class. "
                         "Images without a reference (diff-gen) are compared with real images drawn at random: "
                         "their figures are the no-survival baseline.</p>")

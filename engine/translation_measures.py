@@ -24,7 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from engine.data import decode
-from engine.data.scenes import FAMILIES, foreground_mask
+from engine.data.scenes import FAMILIES, family_of_class, foreground_mask
 from engine.models.quality import fit_real_classifier, thumbnails
 
 # a lower threshold than the digit mask's: the digit's soft edges count as foreground, not background
@@ -94,6 +94,7 @@ class TranslationMeasure:
     images: int
     background_distance: float   # mean over images; 0 = the reference's background untouched
     background_kept: float       # share whose background family is the reference's
+    background_of_target: float  # share whose background family is the target class's own (train-split habitat)
     target_recognised: float     # share the foreground classifier labels as the target (prompt) class
     reference_recognised: float  # share it labels as the reference's class
 
@@ -109,11 +110,13 @@ def measure(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray], ref
     bg = judges.background.predict(background_features(outputs))
     dist = np.asarray([background_distance(o, r) for o, r in zip(outputs, references)])
     s, ref_y, tar_y, fam = (np.asarray(v) for v in (strengths, ref_labels, target_labels, ref_families))
+    target_fam = np.asarray([family_of_class(int(t)) for t in tar_y])
     out = []
     for strength in sorted(set(s.tolist())):
         at = s == strength
         out.append(TranslationMeasure(float(strength), int(at.sum()), float(np.nanmean(dist[at])),
-                                      float(np.mean(bg[at] == fam[at])), float(np.mean(fg[at] == tar_y[at])),
+                                      float(np.mean(bg[at] == fam[at])), float(np.mean(bg[at] == target_fam[at])),
+                                      float(np.mean(fg[at] == tar_y[at])),
                                       float(np.mean(fg[at] == ref_y[at]))))
     return out
 

@@ -46,7 +46,7 @@ def test_report_files_exist_and_are_referenced(tmp_path):
         results=[ResultRow("real only", "-", 0.0, None, [0.5, 0.52], groups={"counterfactual": [0.4, 0.44]}),
                  ResultRow("diff-mix", "diff-mix", 0.1, 0.5, [0.6], groups={"counterfactual": [0.55]})],
         translation={"diff-mix": [{"strength": 0.5, "images": 10, "background_distance": 0.0412,
-                                   "background_kept": 0.9, "target_recognised": 0.3, "reference_recognised": 0.6}]},
+                                   "background_kept": 0.9, "background_of_target": 0.05, "target_recognised": 0.3, "reference_recognised": 0.6}]},
         timings=[StageTiming("synthesis", 30, "images", 3.0)], verdict="reads as expected",
         set_metrics={"diff-mix": {"images": {"synthetic": 27, "real": 100}, "clip_frechet": 0.01234,
                                   "diversity": 0.311, "real_diversity": 0.402}},
@@ -61,7 +61,7 @@ def test_report_files_exist_and_are_referenced(tmp_path):
     assert "0.510 ± 0.014" in text and "10.00 images/s" in text and "reads as expected" in text
     assert "CLIP Fréchet distance" in text and "<td>0.01234</td>" in text and "0.311 (0.402)" in text
     assert "counterfactual (mean ± std)" in text and "0.420 ± 0.028" in text  # the per-group column
-    assert "<td>0.041</td><td>90%</td><td>30%</td><td>60%</td>" in text     # the translation measures
+    assert "<td>0.041</td><td>90%</td><td>5%</td><td>30%</td><td>60%</td>" in text     # the translation measures
 
 
 def test_accuracy_axis_fits_the_data_so_differences_show():
