@@ -37,7 +37,9 @@ def test_demo_comparison_writes_a_complete_report(ray_session, tmp_path):
     assert set(summary["results"]) == {"real-only", "diff-mix"}
     assert all(len(r["top1"]) == 1 for r in summary["results"].values())  # one classifier per seed
     # (two methods' classifiers train at once: demo.concurrent_runs; run_at_most is checked in test_demo.py)
-    assert "direction of effect" in text and "synthesize (diff-mix)" in text and "finetune" in text
+    assert "The paper finds diff-mix ahead of real-only on the counterfactual test group" in text
+    assert "synthesize (diff-mix)" in text and "finetune" in text and "What the translations keep" in text
+    assert set(summary["results"]["diff-mix"]["groups"]) == {"aligned", "counterfactual"}
 
 
 @pytest.mark.usefixtures("ray_session")
