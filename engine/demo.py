@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from engine.config import ExperimentConfig, load_config
 from engine.data import ImageDataset, load_dataset, scenes
 from engine.data.shards import SyntheticSet
 from engine.pipeline import run_stage, start_ray_for, with_overrides
-from engine.report import ReportInputs, ResultRow, StageTiming, write_report
+from engine.report import ReportInputs, ResultRow, StageTiming, group_names, write_report
 from engine.storage import Storage, join
 from engine.translation_measures import Judges, measure_set
 
@@ -79,9 +78,9 @@ def run_at_most(calls: list[Callable[[], T]], at_once: int) -> list[T]:
 
 
 def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, dict[str, Any]],
-                  dataset: ImageDataset) -> tuple[list[ResultRow], list[dict[str, Any]]]:
+                  dataset: ImageDataset, pools: dict[str, list[int]]) -> tuple[list[ResultRow], list[dict[str, Any]]]:
     """One classifier per method and seed, `demo.concurrent_runs` at a time; top-1 overall and per pooled
-    test group."""
+    test group (`pools`: group_sets)."""
     p = {method: 0.0 if method == "real-only" else config.classify.p for method in methods}
     runs: list[tuple[str, ExperimentConfig]] = []
     for method in methods:
@@ -91,7 +90,6 @@ def classify_runs(config: ExperimentConfig, methods: list[str], sets: dict[str, 
                 fields["synthetic"] = sets[method]["output"]
             runs.append((method, with_overrides(config, classify=fields)))
     summaries = run_at_most([partial(run_stage, "classify", cfg) for _, cfg in runs], config.demo.concurrent_runs)
-    pools = group_sets(config, dataset)
     sizes = Counter(int(g) for g in dataset.index("test").column("group").to_pylist() if g is not None)
     rows = []
     for method in methods:
@@ -203,18 +201,13 @@ def scene_note(config: ExperimentConfig, dataset: ImageDataset) -> str | None:
             f"images, 1 in {scenes.FAMILIES} aligned).")
 
 
-def console_table(summary: dict[str, Any]) -> str:
+def console_table(rows: list[ResultRow]) -> str:
     """The results as the last thing on the screen: top-1 overall and per pooled group, mean ± std."""
-    results = summary["results"]
-    groups = list(dict.fromkeys(g for r in results.values() for g in r.get("groups", {})))
-    lines = [f"{'method':<10} {'top-1':>15}" + "".join(f" {g:>15}" for g in groups)]
-    for method, r in results.items():
-        cells = [f"{r['mean']:.3f} ± {r['std']:.3f}"]
-        for g in groups:
-            values = r["groups"].get(g) or [float("nan")]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.3f} ± {spread:.3f}")
-        lines.append(f"{method:<10}" + "".join(f" {c:>15}" for c in cells))
+    names = group_names(rows)
+    lines = [f"{'method':<10} {'top-1':>15}" + "".join(f" {n:>15}" for n in names)]
+    for r in rows:
+        cells = [f"{r.mean:.3f} ± {r.std:.3f}"] + [f"{r.group_mean(n):.3f} ± {r.group_std(n):.3f}" for n in names]
+        lines.append(f"{r.method:<10}" + "".join(f" {c:>15}" for c in cells))
     return "\n".join(lines)
 
 
@@ -245,9 +238,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         finetune = run_stage("finetune", config)
     sets = synthetic_sets(config, methods, finetune["artifact"] if finetune else None)
     started = time.perf_counter()
-    rows, runs = classify_runs(config, methods, sets, dataset)
-    classify_s = time.perf_counter() - started
     pools = group_sets(config, dataset)
+    rows, runs = classify_runs(config, methods, sets, dataset, pools)
+    classify_s = time.perf_counter() - started
     grid_method = next((m for m in ("diff-mix", "real-mix") if m in sets), None)
     score_method = grid_method or next(iter(sets), None)
     inputs = ReportInputs(
@@ -266,7 +259,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                            f"fine-tuning {config.finetune.strategy}, {config.finetune.steps} steps") if n],
     )
     page = write_report(inputs, join(config.run.uri, "report"), storage)
-    return {"report": page, "verdict": inputs.verdict, "translation": inputs.translation,
+    return {"report": page, "verdict": inputs.verdict, "table": console_table(rows), "translation": inputs.translation,
             "results": {r.method: {"mean": r.mean, "std": r.std, "top1": r.top1, "groups": r.groups} for r in rows},
             "set_metrics": {m: s.get("set_metrics") for m, s in sets.items()}}
 
@@ -275,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = load_config(DEMO_CONFIG, list(argv if argv is not None else sys.argv[1:]))
     summary = run(config)
-    print(console_table(summary))
+    print(summary["table"])
     print(summary["verdict"])
     print(f"demo report: {os.path.abspath(summary['report'])}")
     return 0

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from engine.data import decode
+from engine.data import to_array
 from engine.data.scenes import FAMILIES, family_of_class, foreground_mask
 from engine.models.quality import fit_real_classifier, thumbnails
 
@@ -31,9 +31,9 @@ from engine.models.quality import fit_real_classifier, thumbnails
 EDGE_THRESHOLD = 0.45
 
 
-def pixels(image: Image.Image | bytes) -> np.ndarray:
-    img = decode(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
-    return np.asarray(img.convert("RGB"), np.float32) / 255.0
+def pixels(data: bytes) -> np.ndarray:
+    """An encoded image as float RGB in [0, 1]."""
+    return to_array(bytes(data)).astype(np.float32) / 255.0
 
 
 def background_features(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -74,12 +74,9 @@ class Judges:
 def background_distance(output: np.ndarray, reference: np.ndarray) -> float:
     """Mean absolute RGB difference over the pixels that are background in both images (the reference's digit
     grown by one pixel), in [0, 1]."""
-    ref_digit = foreground_mask(reference, EDGE_THRESHOLD)
-    grown = ref_digit.copy()
-    grown[1:] |= ref_digit[:-1]
-    grown[:-1] |= ref_digit[1:]
-    grown[:, 1:] |= ref_digit[:, :-1]
-    grown[:, :-1] |= ref_digit[:, 1:]
+    from scipy.ndimage import binary_dilation
+
+    grown = binary_dilation(foreground_mask(reference, EDGE_THRESHOLD))  # the 4-neighbour cross
     keep = ~grown & ~foreground_mask(output, EDGE_THRESHOLD)
     if not keep.any():
         return float("nan")
@@ -138,8 +135,7 @@ def measure_set(rows: pa.Table, real: pa.Table, judges: Judges, seed: int = 0,
         members = np.flatnonzero(strengths == strength)
         chosen += members[:max_per_strength].tolist()  # plan order is already a random permutation
     ref_ids = rows.column("ref_id").to_pylist()
-    refs = [position.get(ref_ids[i]) if ref_ids[i] is not None else None for i in chosen]
-    refs = [int(rng.integers(len(real_ids))) if r is None else r for r in refs]
+    refs = [position[ref_ids[i]] if ref_ids[i] is not None else int(rng.integers(len(real_ids))) for i in chosen]
     images = rows.column("image").to_pylist()
     targets = rows.column("target_label").to_pylist()
     return measure([pixels(images[i]) for i in chosen], [pixels(real_images[r]) for r in refs],

@@ -42,16 +42,14 @@ def class_prompts() -> list[str]:
     return [f"a photo of a {name} {METACLASS}" for name in CLASS_NAMES]
 
 
-def _train_digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _train_digits() -> tuple[np.ndarray, np.ndarray]:
     """The digits' train split (the demo's test digits are never seen), as scan indices and labels."""
-    from engine.data.dataset import make_table
-    from engine.data.splits import stratified_split
-    from engine.data.builtin import digit_id
+    from engine.config import load_config
+    from engine.data import load_dataset
+    from engine.data.builtin import digit_index
 
-    scans, labels = digit_scans()
-    ids = [digit_id(i) for i in range(len(labels))]
-    train, _ = stratified_split(make_table(ids, [b""] * len(ids), labels.tolist()), 0.2, len(CLASS_NAMES))
-    return np.asarray([int(i.split("-")[1]) for i in train.column("id").to_pylist()]), \
+    train = load_dataset(load_config(None, ["dataset.source=builtin"]), apply_subset=False).train
+    return np.asarray([digit_index(i) for i in train.column("id").to_pylist()]), \
         np.asarray(train.column("label").to_pylist())
 
 
@@ -113,8 +111,8 @@ def train(folder: str, seed: int = 0, steps: int = 1500, batch_size: int = 64, l
     model, tokenizer = build_model(folder, seed)
     texts = filter_prompts() + class_prompts()
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
-    scans, labels = digit_scans()
-    train_idx, train_labels = _train_digits(seed)
+    scans, _ = digit_scans()
+    train_idx, train_labels = _train_digits()
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=steps, pct_start=0.1)
