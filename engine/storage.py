@@ -32,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from s3fs import S3FileSystem
 
 from engine.errors import find_cause
+from engine.locations import has_scheme
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,7 +154,7 @@ def join(base: str, *parts: str) -> str:
 
 
 def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
+    return not has_scheme(uri)
 
 
 def _server_asks_for_retry(exc: BaseException) -> bool:

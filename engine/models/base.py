@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
+from engine.locations import has_scheme, looks_like_path  # noqa: F401  (looks_like_path: re-exported)
 from engine.models.cache import build_once
 from engine.models.errors import ModelError
 from engine.models.tiny import build_tiny_clip, build_tiny_sd, builder_hash
@@ -78,16 +79,6 @@ def shipped_model(spec: str, kind: "Kind" = "sd") -> str:
     return folder
 
 
-def looks_like_path(spec: str) -> bool:
-    """A spec that can only mean a local path (a hub id is "name" or "org/name")."""
-    return (spec.startswith(("/", ".", "~", "file://")) or spec.count(os.sep) >= 2
-            or (os.altsep is not None and spec.count(os.altsep) >= 2))
-
-
-def _has_scheme(spec: str) -> bool:
-    return "://" in spec and not spec.startswith("file://")
-
-
 def _check_kind(kind: str) -> None:
     if kind not in _INDEX_FILE:
         raise ModelError(f"unknown model kind {kind!r}: expected one of {sorted(_INDEX_FILE)}")
@@ -141,7 +132,7 @@ def resolve_model(spec: str, cache_dir: str, storage: Storage | None = None, kin
         return build(folder, tiny_seed, resolution, words)
     if spec in SHIPPED_MODELS:
         return shipped_model(spec, kind)
-    if _has_scheme(spec):
+    if has_scheme(spec):
         return _copy_remote(spec, cache_dir, storage or Storage(), kind)
     local = os.path.abspath(os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec))
     if os.path.exists(local):
@@ -171,7 +162,7 @@ def _resolve_device_dtype(device: Any, dtype: Any) -> "tuple[torch.device, torch
 def _precheck(path: str) -> str:
     """What `from_pretrained` gets; fails before any import or loading work on a missing local folder."""
     path = str(path)
-    if _has_scheme(path):
+    if has_scheme(path):
         raise ModelError(f"resolve {redact(path)} with resolve_model() before loading it")
     if not looks_like_path(path):
         return path  # a hub id, or a relative folder that from_pretrained resolves itself
